@@ -81,7 +81,7 @@ def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
 def merge(cfg: T, data: dict, where: str = "config", prefix: str = "") -> T:
     """Return a copy of dataclass ``cfg`` with the entries of ``data`` applied, checking every key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"{where}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
     changes = {}

@@ -1,0 +1,85 @@
+"""The `genlab` command end to end on tiny settings: train, resume, sample, eval, config errors."""
+
+import json
+
+import pytest
+import yaml
+
+from genlab.cli import main
+from genlab.config import ConfigError, load_config, merge
+from genlab.flow.recipes import FlowConfig
+
+TINY = ["--train.steps", "40", "--train.batch-size", "64", "--train.checkpoint-every", "20", "--train.no-progress",
+        "--eval.n-samples", "200", "--eval.nfes", "1", "4", "--eval.nll-samples", "50",
+        "--eval.density-resolution", "12", "--model.hidden", "32"]
+
+
+def test_help_lists_families(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "genlab flow train" in out and "genlab demo" in out
+
+
+def test_unknown_command(capsys):
+    assert main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_train_writes_run_folder_then_resume_extends(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["flow", "train", "--run-dir", str(run), *TINY]) == 0
+    for name in ["config.yaml", "metrics.jsonl", "eval.json", "samples.png", "trajectories.png", "density.png",
+                 "loss.png", "w2_vs_nfe.png"]:
+        assert (run / name).is_file(), name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 40 and saved["model"]["hidden"] == 32
+    report = json.loads((run / "eval.json").read_text())
+    assert [r["nfe"] for r in report["solvers"] if r["solver"] == "euler"] == [1, 4]
+    assert all(r["w2"] > 0 for r in report["solvers"]) and report["nll_bits_per_dim"] > 0
+
+    # Resume with a longer schedule: continues from step 40, keeps the saved config otherwise.
+    assert main(["flow", "train", "--resume", str(run), "--train.steps", "60"]) == 0
+    steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
+    assert steps[-1] == 60 and len(steps) == len(set(steps))
+    assert (run / "checkpoints" / "step_00000060").is_dir()
+
+    assert main(["flow", "sample", "--run-dir", str(run), "--solver", "rk4", "--steps", "2", "--n", "100"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["nfe"] == 8 and (run / "samples_rk4_2.png").is_file()
+    assert main(["flow", "eval", "--run-dir", str(run)]) == 0
+
+
+def test_preset_files_are_valid():
+    for name in ["flow/toy2d", "flow/toy2d-cpu", "flow/icfm-cpu"]:
+        cfg = load_config(FlowConfig, name)
+        assert cfg.train.steps > 0
+    assert load_config(FlowConfig, "flow/toy2d").train.batch_size == 64
+
+
+def test_bad_config_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 0.1\n")
+    assert main(["flow", "train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.lrr'" in err and str(bad) in err
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"train": {"steps": "many"}}, "'train.steps' must be an integer"),
+    ({"objective": {"coupling": "greedy"}}, "'objective.coupling' = 'greedy' is not one of"),
+    ({"eval": {"nfes": [1, "x"]}}, "'eval.nfes[1]' must be an integer"),
+    ({"model": 3}, "section 'model' must be a mapping"),
+])
+def test_wrong_types_are_errors(data, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        merge(FlowConfig(), data)
+
+
+def test_cli_type_error_exits(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["flow", "train", "--run-dir", str(tmp_path), "--train.steps", "abc"])
+
+
+def test_missing_run_folder_is_clear(tmp_path, capsys):
+    assert main(["flow", "eval", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
