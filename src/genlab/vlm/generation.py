@@ -1,0 +1,71 @@
+"""Autoregressive generation for PaliGemma with a preallocated KV cache.
+
+The prompt (image + text, left-padded) is run once (prefill, the only time the vision tower
+runs); then one token per step is decoded against the cache. Token selection follows
+``transformers``: logits in float32, then temperature, top-k, top-p, then sampling from the
+softmax (or argmax when ``do_sample=False``). A row that has emitted an EOS token emits
+``pad_token_id`` afterwards; generation stops when every row has finished.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genlab.vlm.paligemma import PaliGemma
+
+
+def select_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from float32 ``logits`` (B, V)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0:  # keep the k largest (ties at the k-th value are kept too)
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # drop the least likely tokens whose total mass is at most 1 - top_p
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None,
+             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """New token ids (B, T) with T <= ``max_new_tokens`` for a left-padded prompt batch.
+
+    ``input_ids``/``attention_mask``/``token_type_ids`` are (B, P) (mask and types default to
+    "all real" and "all prefix"); ``pixel_values`` is (B, C, H, W). ``eos_token_id`` and
+    ``pad_token_id`` default to the model config's. Sampling draws from ``generator``.
+    """
+    cfg = model.config.text
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    B, P = input_ids.shape
+    device = input_ids.device
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    if max_new_tokens == 0:
+        return out
+    cache = model.new_cache(B, P + max_new_tokens)
+    logits = model(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache, num_logits_to_keep=1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token = select_next(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, pad)
+        out[:, t] = token
+        finished |= torch.isin(token, eos_ids)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            return out[:, : t + 1]
+        logits = model(token[:, None], cache=cache)
+    return out
