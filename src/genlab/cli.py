@@ -12,6 +12,7 @@ Configs are dataclasses; ``--config`` takes a YAML preset (a path or a name unde
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -33,7 +34,8 @@ def _flow_train(args: list[str]) -> None:
         args = ["--config", f"{resume_dir}/config.yaml", "--run-dir", resume_dir] + args
     cfg = parse_cli(FlowConfig, args, prog="genlab flow train", description="Train a 2-D flow-matching model.")
     run_dir = train(cfg, resume=resume_dir is not None)
-    print(f"run folder: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {run_dir}")
 
 
 def _flow_sample(args: list[str]) -> None:

@@ -221,12 +221,16 @@ class Trainer:
         self.step = int(train_state["step"])
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``batch_size`` samples: micro-batches, accumulation, clip, step, EMA."""
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``batch_size`` samples: micro-batches, accumulation, clip, step, EMA.
+
+        Returns detached 0-dim tensors (averaged over micro-batches); nothing here waits for the GPU,
+        the caller converts to floats only when it logs.
+        """
         net = self.ddp or self.model
         batch = _to_device(self.data.next_batch(self.rank_batch), self.device)
         chunks = split_batch(batch, self.micro)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
             # Under DDP, gradients are all-reduced only on the last micro-batch.
@@ -235,12 +239,12 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = self.loss_fn(net, chunk)
                 (loss / len(chunks)).backward()
-            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item() / len(chunks)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(chunks)
+            for k, v in {"loss": loss, **metrics}.items():
+                v = torch.as_tensor(v).detach().float() / len(chunks)
+                totals[k] = totals[k] + v if k in totals else v
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         for o in self.optimizers:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -249,8 +253,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        totals["grad_norm"] = float(grad_norm)
-        totals["lr"] = self.optimizers[0].param_groups[0]["lr"]
         return totals
 
     def evaluate(self) -> dict[str, Any]:
@@ -280,12 +282,14 @@ class Trainer:
                 metrics = self.train_step()
                 window_steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    loss = all_reduce_mean(torch.tensor(metrics["loss"])).item()
+                    # The only host-device sync of the loop: floats for the log, once per log_every steps.
+                    metrics["loss"] = all_reduce_mean(metrics["loss"])
+                    record = {k: v.item() for k, v in metrics.items()}
                     dt = time.perf_counter() - window_t
-                    metrics.update(loss=loss, steps_per_s=window_steps / max(dt, 1e-9))
-                    logger.log(self.step, metrics)
+                    record.update(lr=self.optimizers[0].param_groups[0]["lr"], steps_per_s=window_steps / max(dt, 1e-9))
+                    logger.log(self.step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
                     window_t, window_steps = time.perf_counter(), 0
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     logger.log(self.step, self.evaluate(), split="eval")
