@@ -89,8 +89,15 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     ``adjust_lr_fn='match_rms_adamw'`` lets both share one learning rate.
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # The fused kernel does the whole AdamW update in one pass (2x faster step on CPU, fewer launches
+    # on GPU); it needs floating-point parameters on a device that has it.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in params)
+
+    def adamw(ps):
+        return torch.optim.AdamW(ps, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+
     if cfg.optimizer == "adamw":
-        return [torch.optim.AdamW([p for _, p in params], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)]
+        return [adamw([p for _, p in params])]
     matrices = [p for n, p in params if p.ndim == 2 and not any(x in n for x in MUON_EXCLUDE)]
     ids = {id(p) for p in matrices}
     rest = [p for _, p in params if id(p) not in ids]
@@ -100,7 +107,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
     ]
     if rest:
-        opts.append(torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay))
+        opts.append(adamw(rest))
     return opts
 
 
@@ -164,6 +171,7 @@ class Trainer:
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
             if cfg.ema_decay > 0 else None
         )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizers = build_optimizers(self.model, cfg)
         self.schedulers = [build_scheduler(o, cfg) for o in self.optimizers]
         self.ddp = DDP(self.model) if self.dist.enabled else None
@@ -242,9 +250,11 @@ class Trainer:
             for k, v in {"loss": loss, **metrics}.items():
                 v = torch.as_tensor(v).detach().float() / len(chunks)
                 totals[k] = totals[k] + v if k in totals else v
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        if self.cfg.grad_clip > 0:
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip).detach()
+        elif self._logs_at(self.step + 1):  # no clipping: the norm is only needed for the log
+            grads = [p.grad for p in self.params if p.grad is not None]
+            totals["grad_norm"] = torch.nn.utils.get_total_norm(grads).detach()
         for o in self.optimizers:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -254,6 +264,9 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.step += 1
         return totals
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
 
     def evaluate(self) -> dict[str, Any]:
         """Run eval_fn on rank 0 with the sampling weights; other ranks wait."""
@@ -282,7 +295,7 @@ class Trainer:
                 metrics = self.train_step()
                 window_steps += 1
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self._logs_at(self.step):
                     # The only host-device sync of the loop: floats for the log, once per log_every steps.
                     metrics["loss"] = all_reduce_mean(metrics["loss"])
                     record = {k: v.item() for k, v in metrics.items()}
