@@ -27,5 +27,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
+# Peers are installed only for the benchmarks (never imported by genlab itself).
+bench: $(STAMP)
+	$(BIN)/pip install -q --no-deps torchcfm==1.0.7
+	$(BIN)/python benchmarks/flow_toy.py
+	$(BIN)/python benchmarks/paligemma_infer.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
