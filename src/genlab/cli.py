@@ -21,20 +21,29 @@ from genlab import __version__
 from genlab.config import ConfigError, parse_cli
 
 
+def split_resume(args: list[str]) -> tuple[list[str], str | None]:
+    """``--resume RUN_DIR`` becomes ``--config RUN_DIR/config.yaml --run-dir RUN_DIR`` (later flags still
+    override the saved config, e.g. ``--train.steps`` to extend a run); returns (args, RUN_DIR or None)."""
+    if "--resume" not in args:
+        return args, None
+    i = args.index("--resume")
+    if i + 1 >= len(args):
+        raise ConfigError("--resume needs a run folder")
+    run = args[i + 1]
+    return ["--config", f"{run}/config.yaml", "--run-dir", run] + args[:i] + args[i + 2:], run
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _flow_train(args: list[str]) -> None:
     from genlab.flow.recipes import FlowConfig, train
 
-    resume_dir = None
-    if "--resume" in args:
-        i = args.index("--resume")
-        if i + 1 >= len(args):
-            raise ConfigError("--resume needs a run folder")
-        resume_dir = args[i + 1]
-        args = args[:i] + args[i + 2:]
-        args = ["--config", f"{resume_dir}/config.yaml", "--run-dir", resume_dir] + args
+    args, resume = split_resume(args)
     cfg = parse_cli(FlowConfig, args, prog="genlab flow train", description="Train a 2-D flow-matching model.")
-    run_dir = train(cfg, resume=resume_dir is not None)
-    if os.environ.get("RANK", "0") == "0":
+    run_dir = train(cfg, resume=resume is not None)
+    if is_main_process():
         print(f"run folder: {run_dir}")
 
 

@@ -17,7 +17,7 @@ from genlab.flow.recipes import FlowConfig
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    families: tuple[str, ...] = ("flow",)  # which families to run
+    families: tuple[str, ...] = ("flow", "vlm")  # which families to run
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 

@@ -10,7 +10,7 @@ from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import save_paligemma
 from genlab.vlm.paligemma import PaliGemma, PaliGemmaConfig
 from genlab.vlm.processor import PaliGemmaProcessor
-from genlab.vlm.testing import make_tiny_tokenizer
+from genlab.vlm.tiny_tokenizer import make_tiny_tokenizer
 from tests.vlm.tiny_hf import tiny_hf_paligemma
 
 
@@ -64,3 +64,13 @@ def test_missing_model_folder(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     assert main(["vlm", "generate", "--model", str(tmp_path / "none"), "--image", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_vlm_train_command_runs_and_resumes(tmp_path, capsys):
+    run = tmp_path / "vlm"
+    tiny = ["--run-dir", str(run), "--train.steps", "4", "--train.batch-size", "8", "--train.no-progress",
+            "--train.checkpoint-every", "2", "--eval.n", "8", "--eval.grid", "4"]
+    assert main(["vlm", "train", *tiny]) == 0
+    assert (run / "hf" / "config.json").is_file() and (run / "examples.png").is_file()
+    assert main(["vlm", "train", "--resume", str(run), "--train.steps", "6"]) == 0
+    assert (run / "checkpoints" / "step_00000006").is_dir()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from genlab.vlm.processor import PaliGemmaProcessor
-from genlab.vlm.testing import make_tiny_sentencepiece, make_tiny_tokenizer
+from genlab.vlm.tiny_tokenizer import make_tiny_sentencepiece, make_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()  # silences "you passed text and images without <image> tokens"

@@ -75,4 +75,18 @@ def _generate(argv: list[str]) -> None:
     generate_cmd(tyro.cli(GenerateArgs, args=argv, prog="genlab vlm generate"))
 
 
+def _train(argv: list[str]) -> None:
+    from genlab.cli import is_main_process, split_resume
+    from genlab.config import parse_cli
+    from genlab.vlm.recipes import VLMTrainConfig, train
+
+    argv, resume = split_resume(argv)
+    cfg = parse_cli(VLMTrainConfig, argv, prog="genlab vlm train",
+                    description="Train a tiny PaliGemma from scratch on the procedural shapes world.")
+    run_dir = train(cfg, resume=resume is not None)
+    if is_main_process():
+        print(f"run folder: {run_dir}  (try: genlab vlm generate --model {run_dir}/hf --image IMG)")
+
+
+register("vlm", "train", _train, "train a tiny PaliGemma on the shapes world (captions or VQA)")
 register("vlm", "generate", _generate, "caption / answer images with a local PaliGemma checkpoint")
