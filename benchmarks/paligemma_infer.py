@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/paligemma_infer.py                        # mid config, CPU, fp32, 2 threads
     .venv/bin/python benchmarks/paligemma_infer.py --config tiny --new-tokens 2 --batch-sizes 1
     PYTHONPATH=src python3 benchmarks/paligemma_infer.py --device cuda --dtype bfloat16 --batch-sizes 1 4 32
+    .venv/bin/python benchmarks/paligemma_infer.py --compile             # genlab's decode step via torch.compile
 
 One transformers model is built from a config (random weights, seeded), saved to a temporary
 folder and read back by ``genlab.vlm.hf_io.load_paligemma``: both models hold the same weights.
@@ -108,8 +109,8 @@ def make_inputs(cfg: hf.PaliGemmaConfig, batch: int, dtype: torch.dtype, device:
 class Runner:
     """The three calls we time, for one library: prefill, generate(n), full prompt logits."""
 
-    def __init__(self, name: str, model, is_hf: bool):
-        self.name, self.model, self.is_hf = name, model, is_hf
+    def __init__(self, name: str, model, is_hf: bool, compile: bool = False):
+        self.name, self.model, self.is_hf, self.compile = name, model, is_hf, compile
 
     @torch.inference_mode()
     def prefill(self, x: dict, max_new: int) -> torch.Tensor:
@@ -125,7 +126,7 @@ class Runner:
             out = self.model.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=PAD)
             return out[:, x["input_ids"].shape[1]:]
         return generate(self.model, x["input_ids"], x["attention_mask"], x["pixel_values"], max_new_tokens=n,
-                        eos_token_id=-1, token_type_ids=x["token_type_ids"])
+                        eos_token_id=-1, token_type_ids=x["token_type_ids"], compile=self.compile)
 
     @torch.inference_mode()
     def full_logits(self, x: dict) -> torch.Tensor:
@@ -277,9 +278,10 @@ def bench_batch(runners: list[Runner], x: dict, n: int, repeats: int, device: to
                 floor=None) -> dict:
     """Timings (medians), memory and token agreement for one batch size; ``floor`` (optional) is
     timed three times in each repeat too, so that it sees the same machine load."""
-    for r in runners:  # warm-up: first calls allocate, pick kernels, fill caches
+    warmup = {}
+    for r in runners:  # warm-up: first calls allocate, pick kernels, fill caches (and compile)
         r.prefill(x, n)
-        r.generate(x, n)
+        warmup[r.name] = timed(lambda: r.generate(x, n), device)
     times = {r.name: {"prefill": [], "first": [], "decode": []} for r in runners}
     floor_times = []
     for rep in range(repeats):
@@ -302,6 +304,7 @@ def bench_batch(runners: list[Runner], x: dict, n: int, repeats: int, device: to
     a, b = (tokens[r.name] for r in runners)
     out["tokens_identical"] = bool(a.shape == b.shape and torch.equal(a, b))
     out["tokens_shape"] = list(a.shape)
+    out["warmup_generate_s"] = warmup
     if floor_times:
         out["matmul_floor_ms"] = 1e3 * statistics.median(floor_times)
     return out
@@ -319,6 +322,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graph-probe", action="store_true",
                    help="CUDA only: also time one genlab decode step replayed from a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="genlab decodes with generate(..., compile=True)")
     p.add_argument("--out", type=Path, default=None, help="write all numbers to this JSON file")
     return p.parse_args(argv)
 
@@ -328,8 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ref, model = build_pair(args.config, dtype, device, args.seed)
-    runners = [Runner("genlab", model, False), Runner("transformers", ref, True)]
+    runners = [Runner("genlab", model, False, args.compile), Runner("transformers", ref, True)]
     result = {"config": args.config, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+              "compile": args.compile,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "torch": torch.__version__,
               "transformers": hf.__version__, "attn_implementation": ref.config._attn_implementation,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -380,7 +385,8 @@ def format_table(res: dict) -> str:
              f"({th} heads / {tkv} KV), vocab {CONFIGS[res['config']][1][-1]}; prompt {res['prompt_tokens']} tokens",
              f"device {res['device_name']}, {res['dtype']}, threads {res['threads']}, "
              f"{res['new_tokens']} new tokens, medians of {res['repeats']} repeats; torch {res['torch']}, "
-             f"transformers {res['transformers']} (attn {res['attn_implementation']})",
+             f"transformers {res['transformers']} (attn {res['attn_implementation']})"
+             + (", genlab decode step torch.compile'd" if res.get("compile") else ""),
              f"{'':32s}{'genlab':>12s}{'transformers':>14s}{'genlab/tf':>11s}"]
     rows = [("prefill ms", "prefill_ms"), ("first token ms", "first_token_ms"),
             ("decode step ms", "decode_step_ms"), ("decode tok/s", "decode_tok_s"),
@@ -392,6 +398,8 @@ def format_table(res: dict) -> str:
             g, t = b["genlab"][key], b["transformers"][key]
             lines.append(f"batch {B:<3d} {label:<22s}{g:12.4g}{t:14.4g}{g / t if t else math.nan:11.3f}")
         lines.append(f"batch {B:<3d} greedy tokens identical: {b['tokens_identical']} {tuple(b['tokens_shape'])}")
+        lines.append(f"batch {B:<3d} first generate call (warm-up, includes any compile) s: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in b["warmup_generate_s"].items()))
     lines.append(f"max |logit diff| (batch 1, all prompt positions): {res['max_abs_logit_diff']:.3g} "
                  f"(max |logit| {res['max_abs_logit']:.3g})")
     lines.append(f"peak memory: {mem} during one generate call, above what was in use before it")

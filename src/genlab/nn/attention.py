@@ -51,20 +51,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Keys and values of every layer, preallocated once for ``max_len`` tokens.
 
-    ``k``/``v`` are ``(num_layers, B, G, max_len, D)``; the first ``length`` slots are filled.
+    ``k``/``v`` are lists of ``num_layers`` tensors (B, G, max_len, D), one per layer (separate
+    tensors, not views of one, so a compiled step can update each in place); the first ``length``
+    slots are filled.
     Each attention layer calls ``update`` with its new keys/values; the model calls
     ``advance`` once after all layers have seen the new tokens. ``key_mask`` (B, max_len)
     records which cached slots are real tokens (False for left padding) and ``seen`` (B,) counts
     the real tokens per row, so positions and padding masks need not be rebuilt each step.
+
+    Static-shape decoding (for ``torch.compile`` and CUDA graphs) uses ``write`` instead of
+    ``update``: the write slot is the device tensor ``pos`` (always equal to ``length``), and the
+    whole ``max_len`` buffer is returned, so no shape or python value changes from step to step.
+    Slots not yet written hold zeros (finite), which ``key_mask`` hides from attention.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  max_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,): ``length`` as a tensor
         self.length = 0
         self.max_len = max_len
 
@@ -73,13 +81,23 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KVCache is full: {end} tokens > max_len={self.max_len}")
-        self.k[layer_idx, :, :, self.length:end] = k
-        self.v[layer_idx, :, :, self.length:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store one token's ``k``/``v`` (B, G, 1, D) at slot ``pos``; return the whole buffers
+        (B, G, max_len, D). Shapes never depend on how full the cache is (static decoding)."""
+        self.k[layer_idx].index_copy_(2, self.pos, k)
+        self.v[layer_idx].index_copy_(2, self.pos, v)
+        return self.k[layer_idx], self.v[layer_idx]
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more slots as filled (call once per forward, after the last layer)."""
+        if self.length + n > self.max_len:
+            raise RuntimeError(f"KVCache is full: {self.length + n} tokens > max_len={self.max_len}")
         self.length += n
+        self.pos += n
 
 
 # ----------------------------------------------------------------------------- attention
@@ -148,7 +166,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0, is_causal: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, layer_idx: int = 0, is_causal: bool = False,
+                static: bool = False) -> torch.Tensor:
+        """``static=True`` (one token, with ``cache``): write at ``cache.pos`` and attend over the
+        whole ``max_len`` buffer; ``mask`` must then cover all ``max_len`` slots."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
@@ -156,7 +177,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer_idx, k, v)  # (B, G, S, D)
+            k, v = cache.write(layer_idx, k, v) if static else cache.update(layer_idx, k, v)  # (B, G, S, D)
             if k.dtype != q.dtype:  # e.g. a float32 cache under bf16 autocast
                 k, v = k.to(q.dtype), v.to(q.dtype)
         if is_causal and L > 1:

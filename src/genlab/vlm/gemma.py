@@ -140,9 +140,10 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps, offset=1.0)
             self.post_feedforward_layernorm = RMSNorm(D, eps, offset=1.0)
 
-    def forward(self, x: torch.Tensor, masks: tuple, rope: tuple, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: tuple, rope: tuple, cache: KVCache | None,
+                static: bool = False) -> torch.Tensor:
         mask = masks[1] if self.sliding else masks[0]
-        h = self.self_attn(self.input_layernorm(x), mask, rope, cache, self.layer_idx)
+        h = self.self_attn(self.input_layernorm(x), mask, rope, cache, self.layer_idx, static=static)
         if not self.gemma2:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -216,6 +217,25 @@ class GemmaModel(nn.Module):
             x = layer(x, masks, rope, cache)
         if cache is not None:
             cache.advance(embeds.shape[1])
+        return self.norm(x)
+
+    def decode_step(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One real token per row, ``embeds`` (B, 1, D), written at slot ``cache.pos``; returns
+        hidden states (B, 1, D). Every shape is fixed by the cache (attention spans all ``max_len``
+        slots, unfilled ones masked out) and only tensors change between steps, so
+        ``torch.compile(dynamic=False)`` compiles it once and a CUDA graph can replay it.
+        ``cache.length`` is left alone: the caller calls ``cache.advance(1)`` afterwards."""
+        cache.key_mask.index_fill_(1, cache.pos, True)
+        cache.seen += 1
+        full = cache.key_mask[:, None, None, :]  # (B, 1, 1, max_len)
+        sliding = None
+        if self.uses_sliding:  # the query sits at slot pos; keys pos - window and older drop out
+            slots = torch.arange(cache.max_len, device=embeds.device)
+            sliding = full & (slots > cache.pos - self.config.sliding_window)
+        rope = self.rotary(cache.seen[:, None], embeds.dtype)  # positions (B, 1), 1-based real tokens
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, (full, sliding), rope, cache, static=True)
         return self.norm(x)
 
     def _masks_and_positions(self, embeds, attention_mask, token_type_ids, position_ids, cache):

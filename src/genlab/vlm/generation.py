@@ -5,12 +5,17 @@ runs); then one token per step is decoded against the cache. Token selection fol
 ``transformers``: logits in float32, then temperature, top-k, top-p, then sampling from the
 softmax (or argmax when ``do_sample=False``). A row that has emitted an EOS token emits
 ``pad_token_id`` afterwards; generation stops when every row has finished.
+
+Decode steps run ``PaliGemma.decode_step``, whose shapes never change (attention spans the whole
+preallocated cache under its key mask), so ``compile=True`` wraps it in ``torch.compile`` once
+per (batch, cache length) and CUDA graphs can replay it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from genlab.nn.attention import KVCache
 from genlab.vlm.paligemma import PaliGemma
 
 
@@ -41,12 +46,14 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None,
-             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+             token_type_ids: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
     """New token ids (B, T) with T <= ``max_new_tokens`` for a left-padded prompt batch.
 
     ``input_ids``/``attention_mask``/``token_type_ids`` are (B, P) (mask and types default to
     "all real" and "all prefix"); ``pixel_values`` is (B, C, H, W). ``eos_token_id`` and
     ``pad_token_id`` default to the model config's. Sampling draws from ``generator``.
+    ``compile=True`` runs the decode step through ``torch.compile`` (the first call per shape
+    pays the compile time; on CUDA it also captures CUDA graphs).
     """
     cfg = model.config.text
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -59,6 +66,7 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
         return out
     cache = model.new_cache(B, P + max_new_tokens)
     logits = model(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache, num_logits_to_keep=1)
+    step = compiled_decode_step(model, cache) if compile else model.decode_step
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         token = select_next(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
@@ -67,5 +75,19 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
         finished |= torch.isin(token, eos_ids)
         if t == max_new_tokens - 1 or bool(finished.all()):
             return out[:, : t + 1]
-        logits = model(token[:, None], cache=cache)
+        logits = step(token[:, None], cache)
+        cache.advance(1)
     return out
+
+
+def compiled_decode_step(model: PaliGemma, cache: KVCache):
+    """``model.decode_step`` through ``torch.compile`` (inductor, static shapes). On CPU the
+    generated wrapper is C++ (``cpp_wrapper``): a decode step launches ~100 small kernels, and
+    calling them from Python cost about 0.5 ms of a ~7 ms step on a 2-core CPU. On CUDA the cache
+    tensors are marked as living at fixed addresses, so "reduce-overhead" can capture CUDA graphs
+    that write into them."""
+    if cache.pos.device.type != "cuda":
+        return torch.compile(model.decode_step, dynamic=False, options={"cpp_wrapper": True})
+    for t in (*cache.k, *cache.v, cache.key_mask, cache.seen, cache.pos):
+        torch._dynamo.mark_static_address(t)
+    return torch.compile(model.decode_step, dynamic=False, mode="reduce-overhead")

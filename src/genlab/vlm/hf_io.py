@@ -140,7 +140,9 @@ def load_paligemma(folder: str | Path, dtype: torch.dtype = torch.float32,
                 if shape != expected[name]:
                     bad_shape.append(f"{key}: file {shape} vs model {expected[name]}")
                     continue
-                tensors[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                # copy=True: own the memory rather than keep views into the memory-mapped file, whose
+                # pages the kernel may evict and re-read (one CPU decode run here was 8x slower so).
+                tensors[name] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
     missing = [f"{genlab_to_hf_key(name)} (genlab {name})" for name in expected if name not in seen]
     problems = [f"{label}: " + ", ".join(items) for label, items in (
         ("keys no rule maps", unmapped), ("unexpected keys", unexpected),

@@ -111,6 +111,13 @@ class PaliGemma(nn.Module):
         h = self.language_model(embeds, attention_mask, token_type_ids, position_ids, cache)
         return self.logits(h[:, -num_logits_to_keep:])
 
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, vocab) for one new text token per row, ``input_ids`` (B, 1), after a
+        prefill into ``cache``. Static shapes (see ``GemmaModel.decode_step``), so it can be
+        compiled or CUDA-graphed; the caller then calls ``cache.advance(1)``."""
+        h = self.language_model.decode_step(self.language_model.embed(input_ids), cache)
+        return self.logits(h)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head (tied to the embeddings unless configured otherwise) with Gemma 2's soft cap."""
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
