@@ -21,6 +21,10 @@ from genlab import __version__
 from genlab.config import ConfigError, parse_cli
 
 
+PRESET_HELP = ("--config PRESET first applies a YAML preset (a path, or a name under configs/ such as flow/toy2d); "
+               "--resume RUN_DIR continues the run saved there (later flags override its config.yaml).")
+
+
 def split_resume(args: list[str]) -> tuple[list[str], str | None]:
     """``--resume RUN_DIR`` becomes ``--config RUN_DIR/config.yaml --run-dir RUN_DIR`` (later flags still
     override the saved config, e.g. ``--train.steps`` to extend a run); returns (args, RUN_DIR or None)."""
@@ -41,7 +45,7 @@ def _flow_train(args: list[str]) -> None:
     from genlab.flow.recipes import FlowConfig, train
 
     args, resume = split_resume(args)
-    cfg = parse_cli(FlowConfig, args, prog="genlab flow train", description="Train a 2-D flow-matching model.")
+    cfg = parse_cli(FlowConfig, args, prog="genlab flow train", description="Train a 2-D flow-matching model. " + PRESET_HELP)
     run_dir = train(cfg, resume=resume is not None)
     if is_main_process():
         print(f"run folder: {run_dir}")
@@ -139,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if len(argv) < 2 or argv[1] in ("-h", "--help") else 2
         group[argv[1]][0](argv[2:])
         return 0
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"genlab: error: {e}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-enter through the real module name so the families register into the table main() reads
+    # (under `python -m genlab.cli` this file is also loaded as __main__, a second copy).
+    from genlab.cli import main as _main
+
+    sys.exit(_main())

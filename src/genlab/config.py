@@ -68,6 +68,11 @@ def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -9,7 +9,7 @@ from genlab.cli import main
 from genlab.config import ConfigError, load_config, merge
 from genlab.flow.recipes import FlowConfig
 
-TINY = ["--train.steps", "40", "--train.batch-size", "64", "--train.checkpoint-every", "20", "--train.no-progress",
+TINY = ["--train.steps", "40", "--train.warmup-steps", "0", "--train.batch-size", "64", "--train.checkpoint-every", "20", "--train.no-progress",
         "--eval.n-samples", "200", "--eval.nfes", "1", "4", "--eval.nll-samples", "50",
         "--eval.density-resolution", "12", "--model.hidden", "32"]
 
@@ -39,8 +39,13 @@ def test_train_writes_run_folder_then_resume_extends(tmp_path, capsys):
 
     # Resume with a longer schedule: continues from step 40, keeps the saved config otherwise.
     assert main(["flow", "train", "--resume", str(run), "--train.steps", "60"]) == 0
-    steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
+    records = [r for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
+    steps = [r["step"] for r in records]
     assert steps[-1] == 60 and len(steps) == len(set(steps))
+    # The extended run follows a 60-step cosine replayed to step 40: it keeps decaying to 0 at step 60.
+    lr = {r["step"]: r["lr"] for r in records}
+    later = [lr[s] for s in sorted(lr) if s > 40]
+    assert all(a >= b for a, b in zip(later, later[1:])) and lr[60] == pytest.approx(0.0, abs=1e-12)
     assert (run / "checkpoints" / "step_00000060").is_dir()
 
     assert main(["flow", "sample", "--run-dir", str(run), "--solver", "rk4", "--steps", "2", "--n", "100"]) == 0
@@ -83,3 +88,30 @@ def test_cli_type_error_exits(tmp_path):
 def test_missing_run_folder_is_clear(tmp_path, capsys):
     assert main(["flow", "eval", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_fresh_run_replaces_an_old_run_in_the_same_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["flow", "train", "--run-dir", str(run), *TINY]) == 0  # checkpoints at 20 and 40
+    short = [a if a != "40" else "10" for a in TINY]
+    assert main(["flow", "train", "--run-dir", str(run), *short]) == 0
+    assert "removing the previous run's" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000010"]
+    steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 10
+    assert main(["flow", "eval", "--run-dir", str(run)]) == 0
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {lr: 1e-3}\n")  # YAML 1.1 reads this as a string
+    assert load_config(FlowConfig, str(f)).train.lr == 1e-3
+
+
+def test_python_dash_m_lists_every_family():
+    import subprocess
+    import sys
+
+    for mod in ("genlab", "genlab.cli"):
+        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60).stdout
+        assert "genlab flow train" in out and "genlab vlm generate" in out, mod

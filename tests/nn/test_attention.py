@@ -138,4 +138,9 @@ def test_padded_query_rows_stay_finite():
     x = torch.randn(1, 4, 16)
     mask = torch.eye(4, dtype=torch.bool)[None, None]
     with torch.no_grad():
-        assert torch.isfinite(attn(x, mask)).all()
+        out = attn(x, mask)
+        # Each position attends only to itself (weight 1): the output is o_proj(v_proj(x)), head by head.
+        v = attn.v_proj(x).view(1, 4, attn.num_kv_heads, -1).repeat_interleave(2 // attn.num_kv_heads, dim=2)
+        expected = attn.o_proj(v.reshape(1, 4, -1))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -199,3 +199,18 @@ def test_bfloat16_load(saved):
     with torch.no_grad():
         got = model(ids, pixels.bfloat16(), mask, types).float()
     assert (got - hf_logits(ref))[mask.bool()].abs().max() < 0.1
+
+
+def test_resave_replaces_old_shards_and_leaves_no_temporary_files(tmp_path):
+    cfg = PaliGemmaConfig.from_hf_dict(tiny_hf_paligemma().config.to_dict())
+    from genlab.vlm.paligemma import PaliGemma
+
+    torch.manual_seed(0)
+    a, b = PaliGemma(cfg), PaliGemma(cfg)
+    save_paligemma(a, cfg, tmp_path, max_shard_bytes=50_000)  # sharded, with an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_paligemma(b, cfg, tmp_path)  # single file: the stale index and shards must go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, _ = load_paligemma(tmp_path)
+    for (k, v), w in zip(b.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -34,9 +34,10 @@ def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = Tru
     """
     run_dir = Path(run_dir)
     ev = cfg.eval
-    g = torch.Generator().manual_seed(seed)
-    x0 = sample_toy2d(cfg.data.source, ev.n_samples, generator=g)  # (N, 2)
-    target = sample_toy2d(cfg.data.target, ev.n_samples, generator=g)  # (N, 2)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same points whatever the device
+    x0 = sample_toy2d(cfg.data.source, ev.n_samples, generator=g).to(device)  # (N, 2)
+    target = sample_toy2d(cfg.data.target, ev.n_samples, generator=g).to(device)  # (N, 2)
     finest = max(ev.nfes)
     if not final:
         res = solve_ode(model, x0, method="euler", steps=finest)

@@ -2,7 +2,7 @@
 
 Layout of a run folder's ``checkpoints/``::
 
-    step_000500/
+    step_00000500/
         model.safetensors      weights of the trained model (unwrapped from DDP)
         ema.safetensors        EMA weights (when EMA is on)
         state.pt               optimizers, schedulers, step, EMA counter   (rank 0)

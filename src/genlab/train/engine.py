@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -179,6 +181,8 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
+        elif self.dist.is_main:
+            self._clear_previous_run()
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -207,12 +211,24 @@ class Trainer:
         train_state = {
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
+            "total_steps": self.cfg.steps,
         }
         rank_state = {"rng": ckpt.rng_state(), "data": self.data.state_dict()}
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self.model, train_state, rank_state, ema=self.ema,
             rank=self.dist.rank, world_size=self.dist.world_size, keep=self.cfg.keep_checkpoints, barrier=barrier,
         )
+
+    def _clear_previous_run(self) -> None:
+        """A fresh (not resumed) run starts clean: an older run's checkpoints and metrics in the same folder
+        would otherwise mix with this one's (and be pruned against it)."""
+        old = [self.run_dir / n for n in ("checkpoints", "metrics.jsonl", "tensorboard")]
+        old = [p for p in old if p.exists()]
+        if old:
+            print(f"genlab: starting a fresh run in {self.run_dir}: removing the previous run's "
+                  f"{', '.join(p.name for p in old)} (use --resume to continue it instead)", flush=True)
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -222,11 +238,25 @@ class Trainer:
                                                        map_location=self.device)
         for o, s in zip(self.optimizers, train_state["optimizers"]):
             o.load_state_dict(s)
-        for sch, s in zip(self.schedulers, train_state["schedulers"]):
-            sch.load_state_dict(s)
+        self.step = int(train_state["step"])
+        if train_state.get("total_steps") == self.cfg.steps:
+            for sch, s in zip(self.schedulers, train_state["schedulers"]):
+                sch.load_state_dict(s)
+        else:
+            # The run is being extended (or shortened): follow the schedule planned for the new length,
+            # replayed up to the current step, rather than the old one (whose cosine would rise again).
+            for o in self.optimizers:
+                for g in o.param_groups:
+                    g["lr"] = self.cfg.lr
+                    g.pop("initial_lr", None)
+            self.schedulers = [build_scheduler(o, self.cfg) for o in self.optimizers]
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore")
+                for sch in self.schedulers:
+                    for _ in range(self.step):
+                        sch.step()
         self.data.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
-        self.step = int(train_state["step"])
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:

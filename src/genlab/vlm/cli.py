@@ -8,7 +8,6 @@ from typing import Literal
 from genlab.cli import register
 
 
-
 @dataclass
 class GenerateArgs:
     """Caption / answer images with a Hugging Face PaliGemma checkpoint folder, offline."""
@@ -78,13 +77,13 @@ def _generate(argv: list[str]) -> None:
 
 
 def _train(argv: list[str]) -> None:
-    from genlab.cli import is_main_process, split_resume
+    from genlab.cli import PRESET_HELP, is_main_process, split_resume
     from genlab.config import parse_cli
     from genlab.vlm.recipes import VLMTrainConfig, train
 
     argv, resume = split_resume(argv)
     cfg = parse_cli(VLMTrainConfig, argv, prog="genlab vlm train",
-                    description="Train a tiny PaliGemma from scratch on the procedural shapes world.")
+                    description="Train a tiny PaliGemma from scratch on the procedural shapes world. " + PRESET_HELP)
     run_dir = train(cfg, resume=resume is not None)
     if is_main_process():
         print(f"run folder: {run_dir}  (try: genlab vlm generate --model {run_dir}/hf --image IMG)")

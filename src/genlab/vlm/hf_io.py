@@ -17,6 +17,7 @@ transformers 5 itself writes, so ``PaliGemmaForConditionalGeneration.from_pretra
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -163,25 +164,37 @@ def save_paligemma(model: PaliGemma, config: PaliGemmaConfig, folder: str | Path
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     state = {genlab_to_hf_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if max_shard_bytes is None:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in state.items():
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = t
         size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    # Each file is written under a temporary name and renamed into place, and weights of an earlier save
+    # (a stale index or shards) are removed, so a crash never leaves a folder that loads half-written or old
+    # weights.
+    for old in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+
+    def put(name: str, write) -> None:
+        tmp = folder / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, folder / name)
+
+    if len(shards) == 1:
+        put("model.safetensors", lambda p: save_file(shards[0], str(p), metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            put(name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
+            weight_map.update({key: name for key in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        put("model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+    # config.json last: a folder with a config always has complete weights beside it.
+    put("config.json", lambda p: p.write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n"))

@@ -188,7 +188,7 @@ def suffix_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
     scored = target != -100
     token_acc = (pred.argmax(-1) == target)[scored].float().mean()
-    return loss, {"token_acc": float(token_acc)}
+    return loss, {"token_acc": token_acc.detach()}  # a tensor: the engine syncs only when it logs
 
 
 # ----------------------------------------------------------------------------- evaluation
