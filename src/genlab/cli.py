@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"genlab: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from genlab.train.distributed import cleanup
+
+        cleanup()  # leave no process group behind under torchrun
 
 
 if __name__ == "__main__":

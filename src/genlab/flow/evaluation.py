@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,8 @@ from genlab.eval.trajectories import normalized_path_energy, straightness
 from genlab.flow import plots
 from genlab.flow.likelihood import bits_per_dim, log_likelihood
 from genlab.flow.solvers import solve_ode
+from genlab.train.checkpoint import atomic_write_text
 from genlab.train.logging import read_metrics
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = True, seed: int = 1234) -> dict:
@@ -77,10 +71,12 @@ def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = Tru
         if ev.density_resolution:
             lo, hi = target.min(0).values - 1.0, target.max(0).values + 1.0
             extent = (lo[0].item(), hi[0].item(), lo[1].item(), hi[1].item())
-            plots.plot_density(lambda pts: log_likelihood(model, pts, src_lp, method="dopri5", atol=1e-4, rtol=1e-4),
+            grid_lp = lambda pts: log_likelihood(model, pts.to(device), src_lp, method="dopri5",  # noqa: E731
+                                                 atol=1e-4, rtol=1e-4).cpu()  # grid points come on the CPU
+            plots.plot_density(grid_lp,
                                extent, run_dir / "density.png", resolution=ev.density_resolution,
                                title="model density (CNF change of variables)")
-    _atomic_json(report, run_dir / "eval.json")
+    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2))
     flat = {f"w2_{r['solver']}_nfe{r['nfe']}": r["w2"] for r in report["solvers"]}
     flat.update({k: v for k, v in report.items() if isinstance(v, float)})
     return flat

@@ -160,6 +160,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed(self.device)
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by world size {self.dist.world_size}")
+        if cfg.log_every < 1 or cfg.steps < 0:
+            raise ValueError(f"train.log_every must be >= 1 (got {cfg.log_every}) and train.steps >= 0")
         self.rank_batch = cfg.batch_size // self.dist.world_size
         self.micro = cfg.micro_batch_size or self.rank_batch
         if self.rank_batch % self.micro:

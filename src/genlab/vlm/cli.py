@@ -32,14 +32,14 @@ def generate_cmd(args: GenerateArgs) -> list[str]:
     import torch
     from PIL import Image
 
+    from genlab.train.distributed import pick_device
     from genlab.vlm.generation import generate
     from genlab.vlm.hf_io import load_paligemma
     from genlab.vlm.processor import PaliGemmaProcessor
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     prompts = list(args.prompt)
