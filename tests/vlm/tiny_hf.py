@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers as hf
 
+from genlab.vlm.demo import hf_positions  # noqa: F401  (re-exported for the tests)
+
 VOCAB, IMAGE_TOKEN, BOS, EOS, PAD = 300, 299, 2, 1, 0
 NUM_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches
 
@@ -60,6 +62,3 @@ def make_batch(pads: list[int], text_len: int = 8, suffix_len: int = 0, seed: in
     return ids, mask, types, pixels
 
 
-def hf_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The position ids transformers' PaliGemma generate uses: 1 at the first real token."""
-    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + 1

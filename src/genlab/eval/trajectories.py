@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["normalized_path_energy", "straightness", "path_straightness", "path_length"]
+__all__ = ["normalized_path_energy", "straightness", "path_length"]
 
 _EPS = 1e-12
 
@@ -90,7 +90,3 @@ def straightness(traj: Tensor, times: Tensor | None = None) -> float:
     chord = (traj[-1] - traj[0]).norm(dim=-1)  # (B,)
     ratio = torch.where(length > _EPS, chord / length.clamp_min(_EPS), torch.ones_like(length))
     return float(ratio.mean())
-
-
-# The name used in the flow recipe's metric table.
-path_straightness = straightness

@@ -15,7 +15,7 @@ from genlab.flow import plots
 from genlab.flow.likelihood import bits_per_dim, log_likelihood
 from genlab.flow.solvers import solve_ode
 from genlab.train.checkpoint import atomic_write_text
-from genlab.train.logging import read_metrics
+from genlab.train.plots import plot_run_loss
 
 
 def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = True, seed: int = 1234) -> dict:
@@ -58,10 +58,7 @@ def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = Tru
                             title=f"{cfg.data.source} -> {cfg.data.target}")
     euler = [r for r in report["solvers"] if r["solver"] == "euler"]
     plots.plot_nfe_curve([r["nfe"] for r in euler], [r["w2"] for r in euler], run_dir / "w2_vs_nfe.png")
-    train_records = [r for r in read_metrics(run_dir) if r.get("split") == "train"]
-    if train_records:
-        plots.plot_loss_curve([r["step"] for r in train_records], [r["loss"] for r in train_records],
-                              run_dir / "loss.png", smooth=5)
+    plot_run_loss(run_dir, run_dir / "loss.png")
 
     if has_log_prob(cfg.data.source) and (ev.nll_samples or ev.density_resolution):
         src_lp = lambda x: toy2d_log_prob(cfg.data.source, x)  # noqa: E731

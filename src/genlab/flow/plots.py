@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from genlab.train.plots import plot_loss_curve  # the shared loss picture, re-exported here
+
 __all__ = ["plot_samples", "plot_trajectories", "plot_density", "plot_loss_curve", "plot_nfe_curve"]
 
 _DPI = 120
@@ -132,29 +134,6 @@ def plot_density(
     fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
     _square(ax, (xmin, xmax, ymin, ymax))
-    return _save(fig, path)
-
-
-def plot_loss_curve(steps, losses, path: str | Path, title: str = "training loss", smooth: int = 50) -> Path:
-    """Raw loss (faint) and its running mean over ``smooth`` steps; log y-axis when all losses are > 0."""
-    x, y = _np(steps), _np(losses)
-    fig, (ax,) = _new_figure(6.0, 3.5)
-    ax.plot(x, y, color=_SAMPLE_COLOR, alpha=0.25, linewidth=0.8, label="loss")
-    if len(y) >= smooth > 1:
-        kernel = np.ones(smooth) / smooth
-        ax.plot(x[smooth - 1 :], np.convolve(y, kernel, mode="valid"), color=_SAMPLE_COLOR, linewidth=1.5,
-                label=f"mean of {smooth}")
-    if len(y) and float(np.nanmin(y)) > 0:
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
-        ax.yaxis.set_major_formatter(plain)
-        if float(np.nanmax(y)) < 10 * float(np.nanmin(y)):  # under a decade: label minor ticks too
-            ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genlab.train.logging import read_metrics
+from genlab.train.plots import plot_run_loss
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -40,17 +40,6 @@ def plot_examples(images: list[np.ndarray], prompts: list[str], answers: list[st
     return Path(path)
 
 
-def plot_loss(run_dir: Path, path: Path) -> Path:
-    """Training loss (log scale) against step, from the run's metrics.jsonl."""
-    rec = [r for r in read_metrics(run_dir) if r.get("split") == "train" and "loss" in r]
-    fig = _figure(6.0, 3.5)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([r["step"] for r in rec], [r["loss"] for r in rec], color="#1f77b4")
-    if rec and min(r["loss"] for r in rec) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("answer-token cross-entropy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
+def plot_loss(run_dir: Path, path: Path) -> Path | None:
+    """Training loss against step, from the run's metrics.jsonl."""
+    return plot_run_loss(run_dir, path, ylabel="answer-token cross-entropy")

@@ -250,8 +250,13 @@ def train(cfg: VLMTrainConfig, resume: bool = False) -> Path:
     hf_dir = run_dir / "hf"
     if rank == 0:
         save_yaml(cfg, run_dir / "config.yaml")
-    # Rank 0 writes the tokenizer into the HF folder; other ranks build the same one privately.
-    processor = build_tokenizer(cfg, hf_dir if rank == 0 else Path(tempfile.mkdtemp(prefix="genlab-tok-")))
+    # Rank 0 writes the tokenizer into the HF folder; other ranks build the same one in a folder that is
+    # removed once the processor holds it in memory.
+    if rank == 0:
+        processor = build_tokenizer(cfg, hf_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="genlab-tok-") as tmp:
+            processor = build_tokenizer(cfg, Path(tmp))
     seed_everything(cfg.train.seed + rank)
     mcfg = model_config(cfg, processor)
     model = PaliGemma(mcfg)
