@@ -112,30 +112,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """softmax(q k^T * scale [soft-capped] + mask) v for q (B, H, L, D) and k, v (B, G, S, D).
 
     Grouped heads are handled by folding the ``H // G`` query heads that share a key/value
-    head into one group, so keys and values are never copied. Without soft-capping this is
-    ``F.scaled_dot_product_attention``; soft-capping (``cap * tanh(s / cap)`` on the scores,
-    Gemma 2) needs the scores themselves, so it takes an explicit path with a float32 softmax.
+    head into one group, so keys and values are never copied. Usually this is
+    ``F.scaled_dot_product_attention``. Two cases take the explicit path (scores, float32
+    softmax, weighted sum): soft-capping (``cap * tanh(s / cap)`` on the scores, Gemma 2),
+    which needs the scores themselves; and one query per row under ``torch.compile`` on CPU
+    (decoding), where inductor fuses the explicit path into two small products and one kernel,
+    while SDPA's CPU kernel pays a fixed cost per call that is a visible part of a decode step.
     """
     B, H, L, D = q.shape
-    G = k.shape[1]
+    G, S = k.shape[1], k.shape[2]
     rep = H // G
     scale = D ** -0.5 if scale is None else scale
     if mask is not None and mask.dim() < 4:  # (S,), (L, S) or (B, L, S) -> broadcastable 4-D
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if softcap is None:
+    explicit = softcap is not None or (L == 1 and q.device.type == "cpu" and torch.compiler.is_compiling())
+    if not explicit:
         if rep == 1:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         if L == 1:  # decoding: the group's queries become the rows of one (rep, S) problem
             out = F.scaled_dot_product_attention(q.reshape(B, G, rep, D), k, v, attn_mask=mask, scale=scale)
             return out.reshape(B, H, 1, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    qg = q.reshape(B, G, rep, L, D)
-    scores = qg @ k.unsqueeze(2).transpose(-1, -2) * scale  # (B, G, rep, L, S)
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
+    qg = q.reshape(B, G, rep * L, D)  # row r * L + i is query i of head g * rep + r
+    scores = (qg @ k.transpose(-1, -2)).view(B, G, rep, L, S) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:  # (B, 1, L, S) -> (B, 1, 1, L, S): the same mask for every head
         scores = scores.masked_fill(~mask.unsqueeze(2), torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v.unsqueeze(2)).reshape(B, H, L, D)
+    return (probs.view(B, G, rep * L, S) @ v).view(B, G, rep, L, D).reshape(B, H, L, D)
 
 
 class Attention(nn.Module):
