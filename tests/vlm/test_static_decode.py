@@ -2,9 +2,12 @@
 forward and as full recomputation, same greedy tokens as transformers, with left padding and for
 PaliGemma 2 (sliding window + soft-capping), and one compiled graph for every step."""
 
+import tempfile
+
 import pytest
 import torch
 
+import genlab.vlm.generation as generation
 from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import load_paligemma
 from tests.vlm.tiny_hf import EOS, PAD, make_batch, tiny_hf_paligemma
@@ -97,6 +100,26 @@ def test_static_step_compiles_once(pair):
     assert (got - want).abs().max() <= TOL
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"] and counters["stats"]["calls_captured"] > 0
+
+
+def test_compiled_generate_picks_the_right_graph_for_each_model_and_batch(monkeypatch):
+    """After its first compiled step, generate skips dynamo's guard checks; a second batch size
+    and a second model (other config) must still run their own graphs and give the eager tokens.
+    (aot_eager instead of inductor: same tracing and guards, no C++ compile.)"""
+    monkeypatch.setattr(generation, "compiled_decode_step",
+                        lambda model, cache: torch.compile(model.decode_step, backend="aot_eager", dynamic=False))
+    torch._dynamo.reset()
+    models = [tiny_hf_paligemma(version, kv, seed=20 + version, sliding_window=6) for version, kv in [(1, 1), (2, 2)]]
+    with torch.no_grad():
+        for i, ref in enumerate(models):
+            with tempfile.TemporaryDirectory() as folder:
+                ref.save_pretrained(folder)
+                model = load_paligemma(folder)[0]
+            for pads in ([0, 2], [0]):
+                ids, mask, _, pixels = make_batch(pads=pads, text_len=4, seed=12 + i)
+                eager = generate(model, ids, mask, pixels, 8, eos_token_id=-1)
+                assert torch.equal(generate(model, ids, mask, pixels, 8, eos_token_id=-1, compile=True), eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4  # one per (model, batch)
 
 
 @pytest.mark.slow
