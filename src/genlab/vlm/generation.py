@@ -55,7 +55,8 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
     "all real" and "all prefix"); ``pixel_values`` is (B, C, H, W). ``eos_token_id`` and
     ``pad_token_id`` default to the model config's. Sampling draws from ``generator``.
     ``compile=True`` runs the decode step through ``torch.compile`` (the first call per shape
-    pays the compile time; on CUDA it also captures CUDA graphs).
+    pays the compile time; on CUDA it also captures CUDA graphs); only the first compiled step of
+    a call checks dynamo's guards.
     """
     cfg = model.config.text
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
