@@ -122,6 +122,23 @@ def test_compiled_generate_picks_the_right_graph_for_each_model_and_batch(monkey
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4  # one per (model, batch)
 
 
+def test_compiled_generate_shares_one_graph_across_nearby_prompt_lengths(pair, monkeypatch):
+    """The cache length is rounded up to a bucket, so prompts of 21 and 26 tokens (+ 8 new) reuse
+    one compiled step, and still give the eager tokens."""
+    _, model = pair
+    monkeypatch.setattr(generation, "compiled_decode_step",
+                        lambda model, cache: torch.compile(model.decode_step, backend="aot_eager", dynamic=False))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        for text_len in (4, 9):
+            ids, mask, _, pixels = make_batch(pads=[0, 1], text_len=text_len, seed=30 + text_len)
+            eager = generate(model, ids, mask, pixels, 8, eos_token_id=-1)
+            assert torch.equal(generate(model, ids, mask, pixels, 8, eos_token_id=-1, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+
+
 @pytest.mark.slow
 def test_generate_compile_gives_the_eager_tokens(pair):
     """generate(compile=True) with inductor (compiles C++: tens of seconds)."""

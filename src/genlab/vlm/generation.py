@@ -8,7 +8,9 @@ softmax (or argmax when ``do_sample=False``). A row that has emitted an EOS toke
 
 Decode steps run ``PaliGemma.decode_step``, whose shapes never change (attention spans the whole
 preallocated cache under its key mask), so ``compile=True`` wraps it in ``torch.compile`` once
-per (batch, cache length) and CUDA graphs can replay it.
+per (batch, cache length) and CUDA graphs can replay it. Under ``compile=True`` the cache length
+is rounded up to a multiple of ``COMPILE_LENGTH_BUCKET``, so prompts of nearby lengths share a
+graph.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import torch
 
 from genlab.nn.attention import KVCache
 from genlab.vlm.paligemma import PaliGemma
+
+# With compile=True the KV cache length is rounded up to a multiple of this. The step attends over
+# the whole cache (unfilled slots masked), so a few spare slots cost little, and prompts whose
+# lengths differ by less than this reuse one compiled graph instead of compiling their own.
+COMPILE_LENGTH_BUCKET = 64
 
 
 def select_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -67,7 +74,10 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
     out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     if max_new_tokens == 0:
         return out
-    cache = model.new_cache(B, P + max_new_tokens)
+    cache_len = P + max_new_tokens
+    if compile:  # graphs are per cache length: round up so that nearby prompt lengths share one
+        cache_len = -(-cache_len // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
+    cache = model.new_cache(B, cache_len)
     logits = model(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache, num_logits_to_keep=1)
     step = compiled_decode_step(model, cache) if compile else model.decode_step
     finished = torch.zeros(B, dtype=torch.bool, device=device)
