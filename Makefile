@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps torchcfm==1.0.7
 	$(BIN)/python benchmarks/flow_toy.py
 	$(BIN)/python benchmarks/paligemma_infer.py
+	$(BIN)/python benchmarks/paligemma_infer.py --batch-sizes 1 --compile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
