@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from genlab.nn.attention import Attention, KVCache, RotaryEmbedding, apply_rotary, causal_mask
+from genlab.nn.attention import Attention, KVCache, RotaryEmbedding, apply_rotary, attend, causal_mask
 
 torch.set_num_threads(1)
 
@@ -50,7 +50,7 @@ def test_compiled_single_query_path_equals_reference(kv_heads):
     """Under torch.compile on CPU one query per row takes the explicit path (not SDPA); it must
     give what the per-head reference gives, with a padding mask over the keys."""
     torch.manual_seed(0)
-    attn = Attention(32, 4, kv_heads, head_dim=8)
+    scale = 8 ** -0.5
     q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, kv_heads, 6, 8), torch.randn(3, kv_heads, 6, 8)
     keys = torch.rand(3, 6) > 0.3
     keys[:, -1] = True
@@ -58,21 +58,20 @@ def test_compiled_single_query_path_equals_reference(kv_heads):
 
     def per_head(q, k, v):
         rep = 4 // kv_heads
-        s = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k.repeat_interleave(rep, 1)) * attn.scale
+        s = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k.repeat_interleave(rep, 1)) * scale
         s = s.masked_fill(~keys[:, None], float("-inf"))
         return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v.repeat_interleave(rep, 1))[:, :, None]
 
-    from genlab.nn.attention import attend
     seen = []
 
     def traced(q, k, v):
         seen.append(torch.compiler.is_compiling())
-        return attend(q, k, v, mask, attn.scale)
+        return attend(q, k, v, mask, scale)
 
     compiled = torch.compile(traced, backend="aot_eager", dynamic=False, fullgraph=True)
     assert torch.allclose(compiled(q, k, v), per_head(q, k, v), atol=1e-5)
     assert seen == [True]  # the traced call took the compiled branch
-    assert torch.allclose(attend(q, k, v, mask, attn.scale), per_head(q, k, v), atol=1e-5)  # eager: SDPA
+    assert torch.allclose(attend(q, k, v, mask, scale), per_head(q, k, v), atol=1e-5)  # eager: SDPA
 
 
 def test_permutation_equivariant_without_positions():
