@@ -173,3 +173,69 @@ def test_padded_query_rows_stay_finite():
         expected = attn.o_proj(v.reshape(1, 4, -1))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- cross-attention
+def cross_reference(attn: Attention, x, context, mask=None):
+    """softmax(q_h k_g^T * scale + mask) v_g per head, with q from x and k, v from context."""
+    B, L, _ = x.shape
+    S = context.shape[1]
+    H, G, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, L, H, D)
+    k = attn.k_proj(context).view(B, S, G, D)
+    v = attn.v_proj(context).view(B, S, G, D)
+    heads = []
+    for h in range(H):
+        g = h // (H // G)
+        s = torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, g]) * attn.scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        heads.append(torch.einsum("bij,bjd->bid", s.softmax(-1), v[:, :, g]))
+    return attn.o_proj(torch.cat(heads, dim=-1))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_cross_attention_equals_reference(kv_heads):
+    torch.manual_seed(3)
+    attn = Attention(32, 4, kv_heads, bias=True, kv_dim=12)
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 9, 12)
+    mask = torch.rand(2, 5, 9) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    with torch.no_grad():
+        out = attn(x, context=context)
+        assert out.shape == (2, 5, 32)
+        assert torch.allclose(out, cross_reference(attn, x, context), atol=1e-5)
+        assert torch.allclose(attn(x, mask[:, None], context=context), cross_reference(attn, x, context, mask),
+                              atol=1e-5)
+
+
+def test_cross_attention_equals_torch_multihead_attention():
+    torch.manual_seed(4)
+    D, Dc, H = 24, 10, 3
+    ours = Attention(D, H, bias=True, kv_dim=Dc, out_name="out_proj")
+    theirs = torch.nn.MultiheadAttention(D, H, bias=True, kdim=Dc, vdim=Dc, batch_first=True)
+    with torch.no_grad():
+        theirs.q_proj_weight.copy_(ours.q_proj.weight)
+        theirs.k_proj_weight.copy_(ours.k_proj.weight)
+        theirs.v_proj_weight.copy_(ours.v_proj.weight)
+        theirs.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        theirs.out_proj.weight.copy_(ours.out_proj.weight)
+        theirs.out_proj.bias.copy_(ours.out_proj.bias)
+    x, context = torch.randn(2, 6, D), torch.randn(2, 8, Dc)
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    padding[1, 5:] = True  # the last 3 context tokens of row 1 are padding
+    with torch.no_grad():
+        want, _ = theirs(x, context, context, key_padding_mask=padding, need_weights=False)
+        got = ours(x, ~padding[:, None, None, :], context=context)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_refuses_rope_cache_and_causal():
+    attn = Attention(16, 2, kv_dim=6)
+    x, context = torch.randn(1, 3, 16), torch.randn(1, 4, 6)
+    rope = RotaryEmbedding(8)(torch.arange(3)[None])
+    for kw in (dict(rope=rope), dict(cache=KVCache(1, 1, 2, 8, max_len=8)), dict(is_causal=True)):
+        with pytest.raises(ValueError, match="cross-attention"):
+            attn(x, context=context, **kw)
+    with pytest.raises(ValueError, match="kv_dim=6"):
+        attn(x)  # keys need 6 features: self-attention on x is not possible

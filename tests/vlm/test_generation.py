@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genlab.vlm.generation import generate, select_next
+from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import load_paligemma
 from tests.vlm.tiny_hf import EOS, PAD, make_batch, tiny_hf_paligemma
 
@@ -113,12 +113,16 @@ def test_vision_tower_runs_once(pair):
     assert out.shape == (2, 6) and len(calls) == 1
 
 
-def test_top_k_and_top_p_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = lambda **kw: {int(select_next(logits, True, generator=g, **kw)) for _ in range(200)}
-    g = torch.Generator().manual_seed(0)
-    assert draws(top_k=2) == {0, 1}
-    assert draws(top_p=0.75) == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
-    assert draws(top_p=0.01) == {0}
-    assert draws(temperature=0.01) == {0}
-    assert int(select_next(logits)) == 0
+def test_bad_sampling_options_fail_before_any_work(pair):
+    _, model = pair
+    ids, mask, _, pixels = make_batch(pads=[0], text_len=3)
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for kw, option in [(dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_k=-2), "top_k"),
+                           (dict(do_sample=True, top_p=0.0), "top_p")]:
+            with pytest.raises(ValueError, match=option):
+                generate(model, ids, mask, pixels, 4, **kw)
+    finally:
+        hook.remove()
+    assert calls == []

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from genlab.data.tokenizers import make_tiny_sentencepiece, make_tiny_tokenizer
 from genlab.vlm.processor import PaliGemmaProcessor
-from genlab.vlm.tiny_tokenizer import make_tiny_sentencepiece, make_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()  # silences "you passed text and images without <image> tokens"

@@ -11,6 +11,10 @@ sigma_0 = 1 (start at the source) and alpha_1 = 1, sigma_1 = 0 (end on the data)
 the small offsets some schedules keep. The regression target of flow matching is the
 time derivative of that sample, dx_t = alpha'_t * x_1 + sigma'_t * x_0, which is what a
 velocity model v(x_t, t) learns to predict.
+
+alpha is the data weight of ``genlab.math.schedules`` (every path is a ``Schedule``): the linear
+and cosine paths take theirs from ``LinearSchedule`` and ``CosineSchedule``, which masked
+diffusion for text shares.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from genlab.math.schedules import CosineSchedule, LinearSchedule, Schedule
 
 
 @dataclass
@@ -43,17 +49,25 @@ def _expand_like(t: Tensor, x: Tensor) -> Tensor:
 class AffinePath:
     """x_t = alpha(t) x_1 + sigma(t) x_0. Subclasses give alpha, sigma and their derivatives.
 
-    The four schedule functions take and return tensors of any shape (elementwise in t).
+    The four schedule functions take and return tensors of any shape (elementwise in t). A path
+    is a ``genlab.math.schedules.Schedule`` (alpha, d_alpha): by default both come from the class
+    attribute ``schedule``; a subclass without one (VPPath) defines them itself.
     """
 
+    schedule: Schedule | None = None  # the data weight alpha(t); a class attribute, not a field
+
     def alpha(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        if self.schedule is None:
+            raise NotImplementedError
+        return self.schedule.alpha(t)
 
     def sigma(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
     def d_alpha(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        if self.schedule is None:
+            raise NotImplementedError
+        return self.schedule.d_alpha(t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -76,38 +90,32 @@ class CondOTPath(AffinePath):
     """Linear (conditional optimal-transport) path of Lipman et al. 2023.
 
     x_t = t x_1 + (1 - (1 - sigma_min) t) x_0: a straight line that ends in a Gaussian of
-    width sigma_min around x_1 (sigma_min = 0 gives rectified flow / I-CFM).
+    width sigma_min around x_1 (sigma_min = 0 gives rectified flow / I-CFM). alpha_t = t is
+    ``LinearSchedule``.
     """
+
+    schedule = LinearSchedule()
 
     def __init__(self, sigma_min: float = 0.0):
         if not 0.0 <= sigma_min < 1.0:
             raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
         self.sigma_min = float(sigma_min)
 
-    def alpha(self, t: Tensor) -> Tensor:
-        return t
-
     def sigma(self, t: Tensor) -> Tensor:
         return 1.0 - (1.0 - self.sigma_min) * t
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return torch.ones_like(t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
         return torch.full_like(t, -(1.0 - self.sigma_min))
 
 
 class CosinePath(AffinePath):
-    """Trigonometric path: alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2) (alpha^2 + sigma^2 = 1)."""
+    """Trigonometric path: alpha_t = sin(pi t / 2) (``CosineSchedule``), sigma_t = cos(pi t / 2)
+    (alpha^2 + sigma^2 = 1)."""
 
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.sin(0.5 * math.pi * t)
+    schedule = CosineSchedule()
 
     def sigma(self, t: Tensor) -> Tensor:
         return torch.cos(0.5 * math.pi * t)
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)

@@ -1,4 +1,5 @@
-"""Multi-head attention shared by the families: MHA / GQA / MQA, RoPE, a preallocated KV cache.
+"""Multi-head attention shared by the families: MHA / GQA / MQA, cross-attention, RoPE, a
+preallocated KV cache.
 
 Shapes: ``B`` batch, ``L`` new (query) tokens, ``S`` key tokens (cached + new), ``H`` query heads,
 ``G`` key/value heads (``H % G == 0``; ``G == H`` is MHA, ``G == 1`` is MQA), ``D`` head size.
@@ -144,18 +145,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Self-attention with separate q/k/v projections and an output projection.
+    """Self- or cross-attention with separate q/k/v projections and an output projection.
 
     Module names follow Hugging Face (``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``, or
     ``out_proj`` via ``out_name``) so LoRA target names carry over. ``forward`` optionally
     applies RoPE to queries and keys, appends keys/values to a ``KVCache``, and attends under a
     boolean mask; ``is_causal`` adds a bottom-right causal mask.
+
+    Cross-attention: ``forward(x, context=c)`` takes keys and values from ``c`` (B, S, kv_dim)
+    instead of ``x``; ``kv_dim`` (default ``dim``) is the input size of ``k_proj``/``v_proj``.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  bias: bool = False, scale: float | None = None, softcap: float | None = None,
-                 out_name: str = "o_proj"):
+                 out_name: str = "o_proj", kv_dim: int | None = None):
         super().__init__()
+        self.dim = dim
+        self.kv_dim = kv_dim or dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or dim // num_heads
@@ -164,21 +170,36 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5 if scale is None else scale
         self.softcap = softcap
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(self.kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(self.kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
         self.out_name = out_name
         setattr(self, out_name, nn.Linear(num_heads * self.head_dim, dim, bias=bias))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer_idx: int = 0, is_causal: bool = False,
-                static: bool = False) -> torch.Tensor:
-        """``static=True`` (one token, with ``cache``): write at ``cache.pos`` and attend over the
-        whole ``max_len`` buffer; ``mask`` must then cover all ``max_len`` slots."""
+                static: bool = False, *, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend from ``x`` (B, L, dim) and return (B, L, dim).
+
+        ``static=True`` (one token, with ``cache``): write at ``cache.pos`` and attend over the
+        whole ``max_len`` buffer; ``mask`` must then cover all ``max_len`` slots.
+
+        ``context`` (B, S, kv_dim) makes this cross-attention: keys and values are projections of
+        ``context``, ``mask`` is broadcastable to (B, 1, L, S), and RoPE, the KV cache and
+        ``is_causal`` (which need queries and keys on one sequence) are refused with a ValueError.
+        """
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, D)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if context is None and self.kv_dim != self.dim:
+            raise ValueError(f"keys and values come from kv_dim={self.kv_dim} features, not dim={self.dim}: "
+                             f"pass context=... (cross-attention)")
+        if context is not None and (rope is not None or cache is not None or is_causal):
+            raise ValueError("cross-attention (context=...) takes no rope, cache or is_causal: "
+                             "they need queries and keys from one sequence")
+        src = x if context is None else context  # (B, S, kv_dim): what keys and values are made from
+        S = src.shape[1]
+        k = self.k_proj(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, D)
+        v = self.v_proj(src).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

@@ -1,10 +1,11 @@
 """Autoregressive generation for PaliGemma with a preallocated KV cache.
 
 The prompt (image + text, left-padded) is run once (prefill, the only time the vision tower
-runs); then one token per step is decoded against the cache. Token selection follows
-``transformers``: logits in float32, then temperature, top-k, top-p, then sampling from the
-softmax (or argmax when ``do_sample=False``). A row that has emitted an EOS token emits
-``pad_token_id`` afterwards; generation stops when every row has finished.
+runs); then one token per step is decoded against the cache. Token selection
+(``genlab.nn.sampling.select_next``) follows ``transformers``: logits in float32, then temperature,
+top-k, top-p, then sampling from the softmax (or argmax when ``do_sample=False``). A row that has
+emitted an EOS token emits ``pad_token_id`` afterwards; generation stops when every row has
+finished.
 
 Decode steps run ``PaliGemma.decode_step``, whose shapes never change (attention spans the whole
 preallocated cache under its key mask), so ``compile=True`` wraps it in ``torch.compile`` once
@@ -20,33 +21,13 @@ import contextlib
 import torch
 
 from genlab.nn.attention import KVCache
+from genlab.nn.sampling import check_sampling_args, select_next
 from genlab.vlm.paligemma import PaliGemma
 
 # With compile=True the KV cache length is rounded up to a multiple of this. The step attends over
 # the whole cache (unfilled slots masked), so a few spare slots cost little, and prompts whose
 # lengths differ by less than this reuse one compiled graph instead of compiling their own.
 COMPILE_LENGTH_BUCKET = 64
-
-
-def select_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from float32 ``logits`` (B, V)."""
-    if not do_sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k > 0:  # keep the k largest (ties at the k-th value are kept too)
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # drop the least likely tokens whose total mass is at most 1 - top_p
-        sorted_logits, order = torch.sort(logits, descending=False)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()
@@ -63,8 +44,10 @@ def generate(model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Te
     ``pad_token_id`` default to the model config's. Sampling draws from ``generator``.
     ``compile=True`` runs the decode step through ``torch.compile`` (the first call per shape
     pays the compile time; on CUDA it also captures CUDA graphs); only the first compiled step of
-    a call checks dynamo's guards.
+    a call checks dynamo's guards. Out-of-range sampling options are a ValueError before any work
+    (``genlab.nn.sampling.check_sampling_args``).
     """
+    check_sampling_args(do_sample, temperature, top_k, top_p)
     cfg = model.config.text
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id

@@ -1,8 +1,18 @@
-"""Tiny, locally trained tokenizer folders for tests and demos.
+"""Tokenizers trained locally with the `tokenizers` library, saved and loaded as Hugging Face files.
 
-A real PaliGemma checkpoint has a 257k-token Gemma tokenizer. The tests and the
-offline demo need something with the same *shape* but small enough to pair with
-a tiny model and cheap enough to build in a fraction of a second:
+General text (the text family, any local corpus):
+
+    tok = train_char_tokenizer(texts)                  # one token per character seen, plus specials
+    tok = train_bpe_tokenizer(texts, vocab_size=2048)  # byte-level BPE: any text round-trips
+    save_tokenizer(tok, "runs/tok")                    # tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    tok = load_tokenizer_file("runs/tok/tokenizer.json")  # a damaged file is a FileFormatError naming it
+
+Both trainers put the special tokens first, in the order given (default ``SPECIAL_TOKENS``:
+<pad>=0 <eos>=1 <bos>=2 <unk>=3 <mask>=4), and add nothing to encoded text by themselves.
+
+Gemma-like processor folders for the VLM tests and demos. A real PaliGemma checkpoint has a
+257k-token Gemma tokenizer. The tests and the offline demo need something with the same *shape*
+but small enough to pair with a tiny model and cheap enough to build in a fraction of a second:
 
     make_tiny_tokenizer("runs/tiny-tok")       # vocab 300: <pad>=0 <eos>=1 <bos>=2 <unk>=3 ... <image>=299
 
@@ -20,9 +30,13 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from genlab.errors import FileFormatError
+from genlab.io import atomic_write_bytes, atomic_write_text
 
 # Gemma's fixed special-token ids; the model tests rely on them (pad=0, eos=1, bos=2).
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
@@ -56,6 +70,107 @@ DEFAULT_CORPUS = [
 ]
 
 
+# ----------------------------------------------------------------------------- general text tokenizers
+# The roles transformers gives the default special tokens (written to tokenizer_config.json).
+_ROLES = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
+          "mask_token": "<mask>"}
+
+
+def _check_specials(special_tokens: Sequence[str]) -> list[str]:
+    specials = list(special_tokens)
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"special_tokens has duplicates: {specials}")
+    return specials
+
+
+def train_char_tokenizer(texts: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                         unk_token: str = "<unk>") -> Tokenizer:
+    """A character-level tokenizer: one token per distinct character (Unicode code point) of ``texts``.
+
+    Ids: the special tokens first, in the order given, then the characters in sorted order. Encoding
+    adds no special tokens; special tokens written in the text are matched verbatim. A character
+    never seen in training becomes ``unk_token`` (which must be one of ``special_tokens``), and
+    ``decode(encode(s).ids) == s`` for every ``s`` made of seen characters.
+    """
+    specials = _check_specials(special_tokens)
+    if unk_token not in specials:
+        raise ValueError(f"unk_token {unk_token!r} must be one of special_tokens {specials}")
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {token: i for i, token in enumerate(specials)}
+    for ch in sorted(chars - set(vocab)):
+        vocab[ch] = len(vocab)
+    # BPE without merges over the whole text (no pre-tokenizer) splits it into single characters.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk_token))
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Fuse()  # concatenate the characters back, no separators
+    return tok
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
+                        special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) with at most ``vocab_size`` tokens.
+
+    Text is split GPT-2's way (words, numbers, punctuation, spaces attached to the following word)
+    and each piece is seen as its UTF-8 bytes, so every string of any script round-trips exactly
+    and nothing is ever unknown. Ids: the special tokens first, in the order given, then the 256
+    byte tokens, then the learned merges, up to ``vocab_size`` in all (exactly ``vocab_size`` when
+    the corpus has enough distinct pairs to merge). Encoding adds no special tokens.
+    """
+    specials = _check_specials(special_tokens)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # 256 printable stand-ins for the bytes
+    if vocab_size < len(specials) + len(alphabet):
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs {len(alphabet)} byte "
+                         f"tokens plus {len(specials)} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, folder: str | Path, special_tokens_map: dict[str, str] | None = None) -> Path:
+    """Write ``tok`` as a Hugging Face tokenizer folder; return the folder.
+
+    Files (each written atomically): ``tokenizer.json`` (the bytes ``Tokenizer.save`` writes),
+    ``special_tokens_map.json`` and ``tokenizer_config.json`` (class ``PreTrainedTokenizerFast``),
+    so ``transformers.AutoTokenizer.from_pretrained(folder)`` gives the same ids. The roles
+    (``pad_token``, ``eos_token``, ...) default to the tokens of ``SPECIAL_TOKENS`` that ``tok``
+    has (<pad>, <eos>, <bos>, <unk>, <mask>); pass ``special_tokens_map`` to name others.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    roles = {role: t for role, t in _ROLES.items() if t in vocab} if special_tokens_map is None \
+        else dict(special_tokens_map)
+    missing = sorted(t for t in roles.values() if t not in vocab)
+    if missing:
+        raise ValueError(f"special_tokens_map names tokens the tokenizer does not have: {missing}")
+    atomic_write_text(folder / "tokenizer.json", tok.to_str(pretty=True))
+    _write_json(folder / "special_tokens_map.json", roles)
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", **roles, "clean_up_tokenization_spaces": False})
+    return folder
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """``Tokenizer.from_file(path)``; a missing file is a FileNotFoundError, and a truncated, empty or
+    foreign one (the library raises a bare Exception) is a ``FileFormatError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (expected a tokenizer.json written by genlab or transformers)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library's errors have no public type
+        lines = str(e).strip().splitlines()
+        raise FileFormatError(f"{path}: not a readable tokenizer.json ({lines[0] if lines else type(e).__name__}); "
+                              f"it may be truncated or damaged") from e
+
+
+# ----------------------------------------------------------------------------- Gemma-like processor folders
 def _train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
     """Train a Gemma-style byte-fallback BPE model with at most `vocab_size` entries."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
@@ -131,7 +246,7 @@ def make_tiny_tokenizer(
     final.post_processor = processors.TemplateProcessing(
         single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[("<bos>", 2)]
     )
-    final.save(str(folder / "tokenizer.json"))
+    atomic_write_text(folder / "tokenizer.json", final.to_str(pretty=True))  # the bytes Tokenizer.save writes
 
     _write_processor_files(folder, image_size, num_image_tokens)
     return folder
@@ -168,7 +283,7 @@ def make_tiny_sentencepiece(
         normalization_rule_name="identity",
         minloglevel=2,
     )
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    atomic_write_bytes(folder / "tokenizer.model", model.getvalue())
     _write_processor_files(folder, image_size, num_image_tokens)
     return folder
 
@@ -208,4 +323,4 @@ def _write_processor_files(folder: Path, image_size: int, num_image_tokens: int)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
