@@ -17,11 +17,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from genlab.errors import ConfigError  # re-exported: ``from genlab.config import ConfigError``
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid (unknown key, wrong type, missing file)."""
 
 
 def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
@@ -131,19 +131,62 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+def save_yaml(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
+    """Write the resolved config atomically (``header`` becomes a leading comment line)."""
+    from genlab.io import atomic_write_text
+
+    atomic_write_text(path, (f"# {header}\n" if header else "") + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def flag(path: str) -> str:
+    """The command-line spelling of a config field: ``train.batch_size`` -> ``--train.batch-size``."""
+    return "--" + path.replace("_", "-")
+
+
+Check = tuple[str, bool, str]  # (field, ok, what it must be), the field relative to its dataclass
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check a whole (nested) config before anything is written: every dataclass in it may define
+    ``checks(self) -> Iterable[(field, ok, requirement)]``; the first failing check is a ConfigError
+    that names the flag as the user types it (``--train.batch-size=0: must be >= 1``)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+    checks = getattr(cfg, "checks", None)
+    if checks is None:
+        return
+    for name, ok, requirement in checks():
+        if not ok:
+            value: Any = cfg
+            for part in name.split("."):
+                value = getattr(value, part, None)
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"{flag(prefix + name)}={shown}: {requirement}")
+
+
+def positive(*names: str, cfg: Any) -> list[Check]:
+    """``>= 1`` checks for integer counts and sizes."""
+    return [(n, getattr(cfg, n) >= 1, "must be >= 1") for n in names]
+
+
+def non_negative(*names: str, cfg: Any) -> list[Check]:
+    return [(n, getattr(cfg, n) >= 0, "must be >= 0") for n in names]
 
 
 def config_search_dirs() -> list[Path]:
-    """Where preset names like ``flow/toy2d`` are looked up: ./configs, then the repo's configs/."""
-    here = Path(__file__).resolve()
-    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+    """Where preset names like ``flow/toy2d`` are looked up: ./configs, then the presets shipped inside
+    the package (``genlab/configs``, which the repository's top-level ``configs`` links to)."""
+    return [Path.cwd() / "configs", Path(__file__).resolve().parent / "configs"]
+
+
+def preset_names() -> list[str]:
+    """Every preset shipped with genlab, as ``family/name``."""
+    root = Path(__file__).resolve().parent / "configs"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def resolve_preset(name: str) -> Path:
@@ -172,14 +215,16 @@ def load_config(cls: type[T], preset: str | None = None, data: dict | None = Non
     return cfg
 
 
-def parse_cli(cls: type[T], args: list[str], prog: str, description: str | None = None) -> T:
+def parse_cli(cls: type[T], args: list[str], prog: str, description: str | None = None,
+              preset: str | None = None) -> T:
     """``--config PRESET`` picks a YAML preset; every other flag overrides a field via tyro.
 
     Example: ``genlab flow train --config flow/toy2d --train.steps 500 --run-dir runs/x``.
+    ``preset`` is the preset to start from when the command line gives none (a resumed run's
+    config.yaml).
     """
     import tyro
 
-    preset = None
     rest: list[str] = []
     i = 0
     while i < len(args):

@@ -87,15 +87,23 @@ def test_cli_type_error_exits(tmp_path):
 
 def test_missing_run_folder_is_clear(tmp_path, capsys):
     assert main(["flow", "eval", "--run-dir", str(tmp_path / "nothing")]) == 2
-    assert "config.yaml not found" in capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
 
 
-def test_fresh_run_replaces_an_old_run_in_the_same_folder(tmp_path, capsys):
+def test_fresh_run_replaces_an_old_run_only_with_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["flow", "train", "--run-dir", str(run), *TINY]) == 0  # checkpoints at 20 and 40
+    (run / "samples_euler_2.png").write_bytes(b"an old picture")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     short = [a if a != "40" else "10" for a in TINY]
-    assert main(["flow", "train", "--run-dir", str(run), *short]) == 0
-    assert "removing the previous run's" in capsys.readouterr().out
+    assert main(["flow", "train", "--run-dir", str(run), *short]) == 2  # refuses, touches nothing
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(["flow", "train", "--run-dir", str(run), *short, "--overwrite"]) == 0
+    assert "clearing the previous run" in capsys.readouterr().out
+    assert not (run / "samples_euler_2.png").exists()  # the old run's pictures go too
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000010"]
     steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 10

@@ -141,3 +141,101 @@ def test_vocabulary_covers_every_text():
     texts = text_corpus(np.random.default_rng(0), 200)
     used = {w for t in texts for w in re.sub(r"[?,]", " ", t).split()}
     assert used <= words
+
+
+# ----------------------------------------------------------------------------- crowded scenes (T13), images on disk
+
+def test_crowded_settings_fail_instead_of_hanging():
+    """T13: nine objects never fit; sample_scene gives up after max_restarts fresh starts, saying why."""
+    from genlab.data.shapes import MAX_RESTARTS, max_objects_that_fit
+
+    with pytest.raises(ValueError) as info:
+        sample_scene(np.random.default_rng(0), min_objects=9, max_objects=9)
+    fit = max_objects_that_fit()
+    assert str(info.value) == (
+        f"cannot place 9 objects of sizes ['small', 'large'] without overlap: {MAX_RESTARTS} fresh starts of the "
+        f"scene all got stuck. At most {fit} objects of these sizes fit reliably; ask for fewer objects "
+        f"(max_objects <= {fit}) or smaller sizes")
+    with pytest.raises(ValueError, match=r"cannot place 5 objects of sizes \['large'\] without overlap: 20 fresh"):
+        sample_scene(np.random.default_rng(0), min_objects=5, max_objects=5, sizes=("large",), max_restarts=20)
+
+
+def test_capacity_check_before_any_scene():
+    from genlab.data.shapes import check_scene_capacity, max_objects_that_fit
+
+    assert max_objects_that_fit() == 5
+    assert max_objects_that_fit(("small",)) == 6
+    assert max_objects_that_fit(("large",)) == 3
+    check_scene_capacity(5)
+    with pytest.raises(ValueError, match=r"max_objects=9 objects of sizes \['small', 'large'\] do not fit .* most 5"):
+        check_scene_capacity(9)
+    with pytest.raises(ValueError, match="at most 3 fit reliably"):
+        check_scene_capacity(4, ("large",))
+    with pytest.raises(ValueError, match="choose from"):
+        max_objects_that_fit(("huge",))
+
+
+@pytest.mark.parametrize("sizes", [tuple(SIZES), ("small",), ("large",)])
+def test_every_accepted_capacity_draws_its_scenes(sizes):
+    """Up to max_objects_that_fit objects, crowded scenes come out (restarts stay far from the bound)."""
+    from genlab.data.shapes import max_objects_that_fit
+
+    n = max_objects_that_fit(sizes)
+    got = scenes(30, seed=5, min_objects=n, max_objects=n, sizes=sizes, max_restarts=400)
+    assert all(len(s.objects) == n for s in got)
+
+
+def test_bounding_the_restarts_keeps_every_scene_the_same():
+    """The bound only counts restarts: the same seeds give the same scenes as before (this digest was
+    taken from the unbounded sampler)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for kw in [dict(), dict(max_objects=1), dict(max_objects=2), dict(min_objects=3, max_objects=5),
+               dict(max_objects=6, sizes=("small",)), dict(max_objects=3, sizes=("large",)),
+               dict(max_objects=5, colors=("red",), shapes=("circle",))]:
+        rng = np.random.default_rng(7)
+        for _ in range(150):
+            h.update(repr(sample_scene(rng, **kw)).encode())
+        h.update(repr(rng.integers(1 << 30)).encode())
+    assert h.hexdigest() == "c66c8a84c76e9dd5733063fd2cf6f3e7dc0debc5da51614281ec71fbac4fd04f"
+
+
+def test_write_scene_images(tmp_path):
+    import json
+    import os
+
+    from PIL import Image
+
+    from genlab.data.shapes import write_scene_images
+
+    paths = write_scene_images(tmp_path / "imgs", n=3, image_size=48, seed=2, min_objects=1, max_objects=2)
+    assert [p.name for p in paths] == ["scene_000.png", "scene_001.png", "scene_002.png"]
+    expected = scenes(3, seed=2, min_objects=1, max_objects=2)
+    for path, scene in zip(paths, expected):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), render_scene(scene, 48))
+    lines = (tmp_path / "imgs" / "scenes.txt").read_text().splitlines()
+    assert lines == [f"scene_{i:03d}.png | caption en | {describe(s)}" for i, s in enumerate(expected)]
+    records = json.loads((tmp_path / "imgs" / "scenes.json").read_text())
+    assert [r["caption"] for r in records] == [describe(s) for s in expected]
+    assert records[0]["objects"][0]["color"] == expected[0].objects[0].color
+    assert sorted(os.listdir(tmp_path / "imgs")) == ["scene_000.png", "scene_001.png", "scene_002.png",
+                                                     "scenes.json", "scenes.txt"]  # no temporary files left
+    assert write_scene_images(tmp_path / "imgs", n=3, image_size=48, seed=2) == paths  # same call, same files
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(n=0), "n must be an integer >= 1"),
+    (dict(image_size=0), "image_size must be an integer >= 1"),
+    (dict(min_objects=3, max_objects=1), "need 1 <= min_objects <= max_objects"),
+    (dict(max_objects=9), "at most 5 fit reliably"),
+])
+def test_write_scene_images_refuses_bad_settings(tmp_path, kw, needle):
+    from genlab.data.shapes import write_scene_images
+
+    with pytest.raises(ValueError, match=needle):
+        write_scene_images(tmp_path / "x", **kw)
+    assert not (tmp_path / "x").exists()  # nothing written
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        write_scene_images(tmp_path / "file")

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from genlab.train import checkpoint as ckpt
-from genlab.train.engine import TrainConfig, Trainer, build_optimizers, build_scheduler
+from genlab.train.engine import TrainConfig, Trainer
+from genlab.train.optim import build_optimizers, build_param_groups, build_scheduler
 from tests.train._regression import ShardedRegression, make_model, mse_loss, noisy_mse_loss
 
 HERE = Path(__file__).parent
@@ -52,9 +53,10 @@ def test_resume_is_bitwise_identical(tmp_path, optimizer):
     assert resumed.step == 8
     resumed.fit()
 
-    for a, b in [(full.model, resumed.model), (full.ema.module, resumed.ema.module)]:
-        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(va, vb), k
+    for a, b in [(full.model.state_dict(), resumed.model.state_dict()), (full.ema.state_dict(), resumed.ema.state_dict())]:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
     # The metrics file reads as one run: each step logged exactly once.
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "cut" / "metrics.jsonl")) if r["split"] == "train"]
     assert steps == list(range(1, 13))
@@ -87,10 +89,12 @@ def test_checkpoint_files_and_pruning(tmp_path):
 def test_warmup_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(2, 2))
     cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
-    opt = build_optimizers(torch.nn.Linear(2, 2), cfg)[0]
+    lin = torch.nn.Linear(2, 2)
+    opt = build_optimizers(build_param_groups(lin, 0.0), cfg)[0]
     sch = build_scheduler(opt, cfg)
     lrs = []
     for _ in range(10):
+        assert len({g["lr"] for g in opt.param_groups}) == 1  # weight and bias groups share the schedule
         lrs.append(opt.param_groups[0]["lr"])
         opt.step(), sch.step()
     assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3)
@@ -102,7 +106,7 @@ def test_warmup_cosine_schedule():
 
 def test_muon_takes_hidden_matrices_only():
     model = make_model()
-    opts = build_optimizers(model, TrainConfig(optimizer="muon"))
+    opts = build_optimizers(build_param_groups(model, 0.0), TrainConfig(optimizer="muon"))
     assert isinstance(opts[0], torch.optim.Muon) and isinstance(opts[1], torch.optim.AdamW)
     assert all(p.ndim == 2 for g in opts[0].param_groups for p in g["params"])
     n_params = sum(len(g["params"]) for o in opts for g in o.param_groups)

@@ -8,7 +8,7 @@ import torch
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
-from genlab.vlm.hf_io import load_paligemma, save_paligemma
+from genlab.vlm.hf_io import CheckpointMismatchError, load_paligemma, save_paligemma
 from genlab.vlm.paligemma import PaliGemmaConfig
 from tests.vlm.tiny_hf import hf_positions, make_batch, tiny_hf_paligemma
 
@@ -120,7 +120,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(saved, tmp_path):
         "shape": (lambda t: {**t, key: torch.zeros(3, 64)}, key),
     }
     for name, (edit, needle) in cases.items():
-        with pytest.raises(KeyError, match=needle.replace(".", r"\.")):
+        with pytest.raises(CheckpointMismatchError, match=needle.replace(".", r"\.")):
             load_paligemma(copy_with(folder, tmp_path / name, edit))
 
 

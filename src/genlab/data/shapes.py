@@ -19,15 +19,29 @@ Conventions every user can rely on:
   objects in that order);
 * colours are drawn flat (no anti-aliasing): a pixel inside an object has exactly its RGB value.
 
+Scenes are placed by rejection: a crowded scene is started over, and after ``MAX_RESTARTS`` fresh
+starts ``sample_scene`` gives up with a ConfigError (a ValueError) saying how many objects fit.
+``max_objects_that_fit(sizes)`` / ``check_scene_capacity(max_objects, sizes)`` answer that up
+front, so impossible settings fail before any work. ``write_scene_images`` writes PNGs and their
+captions for trying a model by hand.
+
 This module knows no model: it yields arrays and plain records (strings, dataclasses).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import io
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from genlab.errors import ConfigError
+from genlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -43,6 +57,10 @@ BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 MIN_X_GAP = 0.08  # centres at least this far apart horizontally
 MIN_GAP = 0.03  # free space between two objects' boxes
 QUESTION_KINDS: tuple[str, ...] = ("count", "color", "shape", "size", "exists")
+# A scene that cannot be completed is started over at most this many times before sample_scene gives
+# up. Settings that max_objects_that_fit accepts succeed in >= 5% of starts, so they fail with
+# probability below 0.95 ** 2000 (1e-45); an impossible setting fails in about a second.
+MAX_RESTARTS = 2000
 
 
 @dataclass(frozen=True)
@@ -87,16 +105,38 @@ class QA:
 
 def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3,
                  colors: tuple[str, ...] = tuple(COLORS), shapes: tuple[str, ...] = SHAPES,
-                 sizes: tuple[str, ...] = tuple(SIZES), max_tries: int = 200) -> ShapesScene:
+                 sizes: tuple[str, ...] = tuple(SIZES), max_tries: int = 200,
+                 max_restarts: int = MAX_RESTARTS) -> ShapesScene:
     """A random scene of ``min_objects``..``max_objects`` objects (uniform count), each with a uniform
     colour, shape and size, placed uniformly where it fits without overlapping the others.
-    Uses only ``rng``; the same generator state gives the same scene."""
+    Uses only ``rng``; the same generator state gives the same scene. A scene that gets crowded is
+    started over (new objects); after ``max_restarts`` fresh starts it raises a ConfigError (a
+    ValueError) saying how many objects of these sizes fit."""
+    _check_choices(min_objects, max_objects, colors, shapes, sizes)
+    n = int(rng.integers(min_objects, max_objects + 1))
+    restarts = 0
+    while (placed := _place(rng, n, colors, shapes, sizes, max_tries)) is None:
+        restarts += 1  # crowded: start the scene over (the next attempt draws new objects)
+        if restarts >= max_restarts:
+            fit = max_objects_that_fit(tuple(sizes), max_tries=max_tries)
+            raise ConfigError(
+                f"cannot place {n} objects of sizes {list(sizes)} without overlap: {restarts} fresh starts of "
+                f"the scene all got stuck. At most {fit} objects of these sizes fit reliably; ask for fewer "
+                f"objects (max_objects <= {fit}) or smaller sizes")
+    return ShapesScene(tuple(sorted(placed, key=lambda o: o.x)))
+
+
+def _check_choices(min_objects: int, max_objects: int, colors, shapes, sizes) -> None:
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     for name, chosen, known in (("colors", colors, COLORS), ("shapes", shapes, SHAPES), ("sizes", sizes, SIZES)):
         if not chosen or any(c not in known for c in chosen):
             raise ValueError(f"{name}={chosen!r}: choose from {list(known)}")
-    n = int(rng.integers(min_objects, max_objects + 1))
+
+
+def _place(rng: np.random.Generator, n: int, colors, shapes, sizes, max_tries: int) -> list[ShapeObject] | None:
+    """One attempt at ``n`` objects, placed one after another (each tries ``max_tries`` uniform
+    positions); None when one of them finds no free place."""
     placed: list[ShapeObject] = []
     while len(placed) < n:
         color, shape, size = colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))], \
@@ -107,9 +147,41 @@ def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
             if all(_fits(x, y, r, o) for o in placed):
                 placed.append(ShapeObject(color, shape, size, float(x), float(y)))
                 break
-        else:  # crowded: start the scene over (rare; the next attempt draws new objects)
-            placed = []
-    return ShapesScene(tuple(sorted(placed, key=lambda o: o.x)))
+        else:
+            return None
+    return placed
+
+
+@functools.lru_cache(maxsize=None)
+def max_objects_that_fit(sizes: tuple[str, ...] = tuple(SIZES), *, max_tries: int = 200,
+                         min_success: float = 0.05, trials: int = 400) -> int:
+    """The largest number of objects of ``sizes`` that ``sample_scene`` places reliably: the largest
+    n for which at least ``min_success`` of its attempts at n objects succeed (so a scene takes on
+    average at most 1 / min_success starts). Estimated with ``trials`` attempts from a fixed private
+    seed, so the answer is the same on every call (and cached); at the defaults it is 5 for small and
+    large, 6 for small only and 3 for large only. Costs about half a second the first time."""
+    _check_choices(1, 1, tuple(COLORS), SHAPES, sizes)
+    rng = np.random.default_rng(20_251_201)  # private: the caller's generators are not touched
+    need = math.ceil(min_success * trials)
+    n = 1  # a single object always fits
+    while True:
+        ok = 0
+        for t in range(trials):
+            ok += _place(rng, n + 1, ("red",), ("circle",), sizes, max_tries) is not None
+            if ok >= need or ok + trials - 1 - t < need:  # decided either way
+                break
+        if ok < need:
+            return n
+        n += 1
+
+
+def check_scene_capacity(max_objects: int, sizes: tuple[str, ...] = tuple(SIZES), max_tries: int = 200) -> None:
+    """Raise a ConfigError (a ValueError) when scenes of ``max_objects`` objects of ``sizes`` do not
+    fit reliably (see ``max_objects_that_fit``), before any scene is drawn."""
+    fit = max_objects_that_fit(tuple(sizes), max_tries=max_tries)
+    if max_objects > fit:
+        raise ConfigError(f"max_objects={max_objects} objects of sizes {list(sizes)} do not fit in one scene without "
+                          f"overlap: at most {fit} fit reliably; use max_objects <= {fit} (or smaller sizes)")
 
 
 def _fits(x: float, y: float, r: float, other: ShapeObject) -> bool:
@@ -212,3 +284,37 @@ def text_corpus(rng: np.random.Generator, n_scenes: int = 500, **scene_kw) -> li
             texts += [qa.question, qa.answer]
     return texts
 
+
+def write_scene_images(out_dir: str | os.PathLike, n: int = 4, image_size: int = 64, seed: int = 0,
+                       min_objects: int = 1, max_objects: int = 2) -> list[Path]:
+    """Draw ``n`` random scenes (``np.random.default_rng(seed)``) and write them as
+    ``out_dir/scene_000.png`` ... (``image_size`` pixels square), plus their captions in
+    ``scenes.txt`` (one ``scene_000.png | caption en | <caption>`` line each, the format
+    ``genlab vlm generate`` prints, so the two can be compared line by line) and ``scenes.json``
+    (image, caption and objects of each). Every file is written atomically. Returns the PNG paths.
+    Files of an earlier call with a larger ``n`` are left as they are (scenes.txt lists this call's)."""
+    for name, value in (("n", n), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    _check_choices(min_objects, max_objects, tuple(COLORS), SHAPES, tuple(SIZES))
+    check_scene_capacity(max_objects)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: give a folder to write the scene images into")
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width = max(3, len(str(n - 1)))
+    paths, lines, records = [], [], []
+    for i in range(n):
+        scene = sample_scene(rng, min_objects=min_objects, max_objects=max_objects)
+        buf = io.BytesIO()
+        Image.fromarray(render_scene(scene, image_size)).save(buf, format="PNG")
+        path = out / f"scene_{i:0{width}d}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        caption = describe(scene)
+        paths.append(path)
+        lines.append(f"{path.name} | caption en | {caption}\n")
+        records.append({"image": path.name, "caption": caption, "objects": [asdict(o) for o in scene.objects]})
+    atomic_write_text(out / "scenes.txt", "".join(lines))
+    atomic_write_json(out / "scenes.json", records)
+    return paths

@@ -1,4 +1,4 @@
-"""Flow matching on 2-D data: config, train, sample and evaluate (the glue the CLI calls).
+"""Flow matching on 2-D data: config, train, sample and evaluate (the glue the commands call).
 
     genlab flow train --config flow/toy2d-cpu          # OT-CFM 8gaussians -> moons, a few minutes on CPU
     genlab flow sample --run-dir runs/flow-toy2d --solver euler --steps 2
@@ -8,20 +8,22 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 
-from genlab.config import save_yaml
-from genlab.data.toy2d import Toy2DSource
-from genlab.flow.models.mlp import VelocityMLP
+from genlab.config import Check, load_config, non_negative, validate
+from genlab.data.toy2d import TOY2D_NAMES, Toy2DSource
+from genlab.flow.models.mlp import MLPConfig, VelocityMLP
 from genlab.flow.objectives import flow_matching_loss
 from genlab.flow.paths import make_path
-from genlab.train.checkpoint import latest_checkpoint
-from genlab.train.engine import TrainConfig, Trainer, seed_everything
+from genlab.flow.solvers import FIXED_STEPPERS, known_methods
+from genlab.train.checkpoint import load_weights
+from genlab.train.engine import TrainConfig, Trainer
+from genlab.train.run import read_run_config, start_run
 
 
 @dataclass
@@ -29,12 +31,9 @@ class Toy2DData:
     source: str = "8gaussians"  # any of genlab.data.toy2d.TOY2D_NAMES
     target: str = "moons"
 
-
-@dataclass
-class MLPConfig:
-    hidden: int = 256
-    depth: int = 3
-    time_embed_dim: int = 64
+    def checks(self) -> Iterable[Check]:
+        for name in ("source", "target"):
+            yield name, getattr(self, name) in TOY2D_NAMES, f"unknown 2-D distribution; choose one of {', '.join(TOY2D_NAMES)}"
 
 
 @dataclass
@@ -44,6 +43,9 @@ class FlowObjective:
     coupling: Literal["none", "exact", "sinkhorn"] = "exact"  # none = I-CFM, exact = OT-CFM
     time_sampler: Literal["uniform", "logit_normal"] = "uniform"
 
+    def checks(self) -> Iterable[Check]:
+        yield "sigma_min", 0 <= self.sigma_min < 1, "must be in [0, 1)"
+
 
 @dataclass
 class FlowEval:
@@ -52,6 +54,14 @@ class FlowEval:
     adaptive: str = "dopri5"  # also evaluated; "" to skip
     nll_samples: int = 1000  # target samples whose NLL is computed (0 = skip)
     density_resolution: int = 100  # grid side of the density heat-map (0 = skip)
+
+    def checks(self) -> Iterable[Check]:
+        yield "n_samples", self.n_samples >= 2, "must be >= 2 (W2 and MMD compare sample sets)"
+        yield "nfes", len(self.nfes) > 0 and all(n >= 1 for n in self.nfes), "each must be >= 1 (at least one)"
+        yield "adaptive", self.adaptive in ("", *known_methods()), f"unknown ODE method; use \"\" or one of {known_methods()}"
+        yield from non_negative("nll_samples", "density_resolution", cfg=self)
+        yield "nll_samples", self.nll_samples <= self.n_samples, "must be <= --eval.n-samples"
+        yield "density_resolution", self.density_resolution != 1, "must be 0 (off) or >= 2"
 
 
 @dataclass
@@ -70,7 +80,7 @@ class FlowConfig:
 
 
 def build_model(cfg: FlowConfig) -> VelocityMLP:
-    return VelocityMLP(dim=2, hidden=cfg.model.hidden, depth=cfg.model.depth, time_embed_dim=cfg.model.time_embed_dim)
+    return VelocityMLP.from_config(cfg.model, dim=2)
 
 
 def make_loss_fn(cfg: FlowConfig):
@@ -84,48 +94,42 @@ def make_loss_fn(cfg: FlowConfig):
     return loss_fn
 
 
-def train(cfg: FlowConfig, resume: bool = False) -> Path:
+def weights_used(cfg: FlowConfig, ema: bool = True) -> str:
+    return "ema" if ema and cfg.train.ema_decay > 0 else "trained"
+
+
+def train(cfg: FlowConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, checkpoint and evaluate; returns the run folder (config, metrics, checkpoints, PNGs)."""
     from genlab.flow.evaluation import evaluate_toy2d
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
-        save_yaml(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.train.seed + rank)
+    run = start_run(cfg, resume=resume, overwrite=overwrite)
+    if run.finished:
+        return run.dir
     model = build_model(cfg)
-    data = Toy2DSource(cfg.data.source, cfg.data.target, seed=cfg.train.seed, rank=rank)
+    data = Toy2DSource(cfg.data.source, cfg.data.target, seed=cfg.train.seed, rank=run.dist.rank)
 
-    def eval_fn(step, ema_model):
-        return evaluate_toy2d(ema_model, cfg, run_dir, step=step, final=step >= cfg.train.steps)
+    def eval_fn(step, ema_model, final):
+        return evaluate_toy2d(ema_model, cfg, run.dir, step=step, final=final, weights=weights_used(cfg))
 
-    Trainer(model, make_loss_fn(cfg), data, cfg.train, run_dir, eval_fn=eval_fn, resume=resume).fit()
-    return run_dir
+    Trainer(model, make_loss_fn(cfg), data, cfg.train, run, eval_fn=eval_fn).fit()
+    return run.dir
+
+
+def demo(cfg: FlowConfig, out: Path) -> dict:
+    """The flow part of ``genlab demo``: train the embedded default into ``out``; the headline figures."""
+    run = train(replace(cfg, run_dir=str(out)), overwrite=True)
+    report = json.loads((run / "eval.json").read_text())
+    by = {f"{r['solver']}@{r['nfe']}": round(r["w2"], 4) for r in report["solvers"]}
+    return {"run_dir": str(run), "w2": by, "nll_bits_per_dim": report.get("nll_bits_per_dim"),
+            "straightness": report["straightness"], "weights": report["weights"]}
 
 
 def load_trained(run_dir: str | Path, ema: bool = True) -> tuple[VelocityMLP, FlowConfig]:
     """Rebuild the model of a run folder from its config.yaml and load its latest (EMA) weights."""
-    from safetensors.torch import load_file
-
-    from genlab.config import load_config
-
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: is {run_dir} a genlab flow run folder?")
-    cfg = load_config(FlowConfig, str(cfg_file))
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")
+    cfg = load_config(FlowConfig, str(read_run_config(run_dir, "flow")))
+    validate(cfg)
     model = build_model(cfg)
-    weights = path / "ema.safetensors"
-    if ema and weights.is_file():
-        # AveragedModel keys are 'module.<name>' plus its 'n_averaged' counter.
-        sd = {k.removeprefix("module."): v for k, v in load_file(str(weights)).items() if k != "n_averaged"}
-    else:
-        sd = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(sd)
+    load_weights(run_dir, model, ema=ema)
     return model.eval(), cfg
 
 
@@ -133,10 +137,18 @@ def load_trained(run_dir: str | Path, ema: bool = True) -> tuple[VelocityMLP, Fl
 class SampleArgs:
     run_dir: str  # a run folder written by `genlab flow train`
     solver: str = "euler"  # euler | midpoint | heun | rk4 | dopri5 | any torchdiffeq method
-    steps: int = 100  # grid steps for fixed-step solvers
+    steps: int = 100  # grid steps for fixed-step solvers (adaptive solvers pick their own)
     n: int = 2000
     seed: int = 0
-    out: str = ""  # .pt file for the samples; default <run_dir>/samples_<solver>_<steps>.pt
+    out: str = ""  # .pt file for the samples; default <run_dir>/samples_<solver>[_<steps>].pt
+
+    def checks(self) -> Iterable[Check]:
+        yield "solver", self.solver in known_methods(), f"unknown ODE method; use one of {known_methods()}"
+        yield "steps", self.steps >= 1, "must be >= 1"
+        yield "n", self.n >= 2, "must be >= 2 (W2 against the target needs two points)"
+        out = Path(self.out) if self.out else None
+        yield "out", out is None or out.parent.is_dir(), f"the folder {out.parent if out else ''} does not exist"
+        yield "out", out is None or not out.is_dir(), "is a folder; give a file name such as samples.pt"
 
 
 def sample(args: SampleArgs) -> dict:
@@ -145,15 +157,38 @@ def sample(args: SampleArgs) -> dict:
     from genlab.eval.distances import wasserstein2
     from genlab.flow.plots import plot_samples
     from genlab.flow.solvers import solve_ode
+    from genlab.io import atomic_torch_save
 
+    validate(args)
     model, cfg = load_trained(args.run_dir)
     g = torch.Generator().manual_seed(args.seed)
     x0 = sample_toy2d(cfg.data.source, args.n, generator=g)
     res = solve_ode(model, x0, method=args.solver, steps=args.steps)
-    out = Path(args.out or Path(args.run_dir) / f"samples_{args.solver}_{args.steps}.pt")
-    torch.save(res.x, out)
+    name = f"samples_{args.solver}_{args.steps}" if args.solver in FIXED_STEPPERS else f"samples_{args.solver}"
+    out = Path(args.out or Path(args.run_dir) / f"{name}.pt")
+    atomic_torch_save(res.x, out)
     target = sample_toy2d(cfg.data.target, args.n, generator=g)
     plot_samples(res.x, target, out.with_suffix(".png"), title=f"{args.solver}, NFE {res.nfe}")
-    info = {"samples": str(out), "nfe": res.nfe, "w2": wasserstein2(res.x, target)}
+    info = {"samples": str(out), "nfe": res.nfe, "w2": wasserstein2(res.x, target), "weights": weights_used(cfg)}
     print(json.dumps(info))
     return info
+
+
+@dataclass
+class EvalArgs:
+    run_dir: str  # a run folder written by `genlab flow train`
+    raw: bool = False  # evaluate the trained weights instead of their EMA
+
+
+def evaluate_run(args: EvalArgs) -> dict:
+    """The full evaluation of a trained run (eval.json and the pictures, rewritten); prints the report."""
+    from genlab.flow.evaluation import evaluate_toy2d
+    from genlab.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    model, cfg = load_trained(args.run_dir, ema=not args.raw)
+    step = checkpoint_step(latest_checkpoint(args.run_dir))
+    print(f"genlab: evaluating {args.run_dir} at step {step} ...", file=sys.stderr, flush=True)
+    flat = evaluate_toy2d(model, cfg, args.run_dir, step=step, final=True,
+                          weights=weights_used(cfg, ema=not args.raw), verbose=True)
+    print(json.dumps(flat, indent=2))
+    return flat

@@ -146,3 +146,13 @@ def solve_ode(
         if return_trajectory:
             return SolveResult(x=states[-1], trajectory=states, times=out_times, nfe=f.nfe)
         return SolveResult(x=states[-1], trajectory=None, times=grid[[0, -1]], nfe=f.nfe)
+
+
+def known_methods() -> list[str]:
+    """Every method ``solve_ode`` accepts: genlab's fixed-step solvers and torchdiffeq's."""
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS  # the table odeint itself checks against
+        extra = list(SOLVERS)
+    except ImportError:  # a torchdiffeq without that table: the adaptive ones we name
+        extra = list(ADAPTIVE_METHODS)
+    return sorted(set(FIXED_STEPPERS) | set(extra))

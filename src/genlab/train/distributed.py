@@ -29,11 +29,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (idempotent); single process otherwise."""
+def dist_info() -> DistInfo:
+    """This process's rank and world size as torchrun describes them (single process otherwise);
+    starts nothing. Recipes and the CLI ask here, never ``os.environ`` themselves."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (idempotent); single process otherwise."""
+    info = dist_info()
+    if not info.enabled:
+        return info
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -42,9 +50,37 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
+def device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as a device here (None when it can): "auto", "cpu", "cuda",
+    "cuda:N" and "mps" are understood; CUDA and MPS must be present."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "must be auto, cpu, cuda, cuda:N or mps"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (this torch build or driver has none); use cpu or auto"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "MPS is not available on this machine"
+    return "must be auto, cpu, cuda, cuda:N or mps"
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` = this rank's GPU when CUDA is present, else CPU."""
+    """``auto`` = this rank's GPU when CUDA is present, else CPU. A device that cannot be used here
+    is a ConfigError (validate first with ``device_problem`` to name the flag)."""
     if name != "auto":
+        problem = device_problem(name)
+        if problem:
+            from genlab.errors import ConfigError
+
+            raise ConfigError(f"device {name!r}: {problem}")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,8 +1,8 @@
 """The VLM part of ``genlab demo``: a tiny PaliGemma trained from scratch on shapes, then checked
 against transformers' own PaliGemma on the exported checkpoint.
 
-    from genlab.vlm.demo import run_vlm_demo
-    run_vlm_demo(Path("runs/demo/vlm"))   # a few minutes on a 2-core CPU
+    from genlab.vlm.demo import demo
+    demo(ShapesPaliGemmaConfig(), Path("runs/demo/vlm"))   # a few minutes on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import load_paligemma
 from genlab.vlm.processor import PaliGemmaProcessor
-from genlab.vlm.recipes import ShapesBatchSource, VLMTrainConfig, train
+from genlab.vlm.recipes import ShapesBatchSource, ShapesPaliGemmaConfig, train
 
 
 def hf_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def _strip(row: list[int], eos: int, pad: int) -> list[int]:
 
 
 @torch.no_grad()
-def transformers_parity(folder: Path, cfg: VLMTrainConfig, n: int = 16, max_new_tokens: int = 32) -> dict[str, Any]:
+def transformers_parity(folder: Path, cfg: ShapesPaliGemmaConfig, n: int = 16, max_new_tokens: int = 32) -> dict[str, Any]:
     """Load ``folder`` with genlab and with transformers' PaliGemmaForConditionalGeneration; on ``n``
     held-out scenes report the largest |logit difference| (teacher-forced answer, real tokens only)
     and whether greedy generations agree token for token. Skips with a note without transformers."""
@@ -75,12 +75,12 @@ def transformers_parity(folder: Path, cfg: VLMTrainConfig, n: int = 16, max_new_
             "greedy_match": sum(same) / n}
 
 
-def run_vlm_demo(out_dir: Path, cfg: VLMTrainConfig | None = None) -> dict[str, Any]:
-    """Train the embedded default (captions of 1-2 shapes) in ``out_dir``, evaluate it, check parity
-    with transformers; return a JSON-able summary of the headline figures."""
+def demo(cfg: ShapesPaliGemmaConfig, out_dir: Path) -> dict[str, Any]:
+    """Train ``cfg`` (the embedded default: captions of 1-2 shapes) in ``out_dir`` (overwriting an
+    earlier demo there), evaluate it, check parity with transformers; return the headline figures."""
     t0 = time.perf_counter()
-    cfg = replace(cfg or VLMTrainConfig(), run_dir=str(out_dir))
-    run = train(cfg)
+    cfg = replace(cfg, run_dir=str(out_dir))
+    run = train(cfg, overwrite=True)
     train_s = time.perf_counter() - t0
     report = json.loads((run / "eval.json").read_text())
     parity = transformers_parity(run / "hf", cfg)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from genlab.nn.attention import Attention, KVCache, RotaryEmbedding
+from genlab.nn.blocks import activation
 from genlab.nn.norms import RMSNorm
-from genlab.vlm.siglip import activation
 
 # transformers' defaults for fields a config.json may leave out.
 _HF_DEFAULTS = {
@@ -65,7 +65,7 @@ class GemmaConfig:
     def __post_init__(self):
         if self.model_type not in _HF_DEFAULTS:
             raise NotImplementedError(f"text model_type {self.model_type!r} (expected 'gemma' or 'gemma2')")
-        if self.model_type == "gemma2" and self.layer_types is None:
+        if self.model_type == "gemma2" and self.layer_types is None and isinstance(self.num_hidden_layers, int):
             self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
 
@@ -89,6 +89,8 @@ class GemmaConfig:
         if act is not None:  # transformers maps Gemma 1's legacy "gelu" to the tanh approximation
             kw["hidden_act"] = "gelu_pytorch_tanh" if (model_type == "gemma" and act == "gelu") else act
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a mapping, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise NotImplementedError(f"rope type {rope.get('rope_type')!r}: only default RoPE is supported")
         kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
@@ -104,6 +106,65 @@ class GemmaConfig:
                 d.pop(key)
         return {**d, "tie_word_embeddings": tie_word_embeddings, "num_image_tokens": num_image_tokens,
                 "attention_dropout": 0.0, "use_bidirectional_attention": True}
+
+    def validate(self, where: str = "text_config") -> "GemmaConfig":
+        """Return self if a decoder can be built from this config; else raise
+        ``genlab.errors.ConfigError`` naming the field by its Hugging Face name, prefixed by
+        ``where``: e.g. ``text_config: num_attention_heads=4 is not a multiple of
+        num_key_value_heads=3``."""
+        from genlab.errors import ConfigError
+
+        def bad(message: str):
+            raise ConfigError(f"{where}: {message}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not is_int(value):
+                bad(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                bad(f"{name} must be >= 1, got {value}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad(f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads="
+                f"{self.num_key_value_heads} (each key/value head serves a whole group of query heads)")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not is_number(value) or not value > 0:
+                bad(f"{name} must be a number > 0, got {value!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (not is_number(value) or not value > 0):
+                bad(f"{name} must be a number > 0 or null, got {value!r}")
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window < 1):
+            bad(f"sliding_window must be an integer >= 1 or null, got {self.sliding_window!r}")
+        if not isinstance(self.hidden_act, str):
+            bad(f"hidden_act must be a string, got {self.hidden_act!r}")
+        if not isinstance(self.attention_bias, bool):
+            bad(f"attention_bias must be true or false, got {self.attention_bias!r}")
+        if self.layer_types is not None:
+            kinds = {"sliding_attention", "full_attention"}
+            if (not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers
+                    or any(kind not in kinds for kind in self.layer_types)):
+                bad(f"layer_types must list one of {sorted(kinds)} per layer ({self.num_hidden_layers} "
+                    f"layers), got {self.layer_types!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            for token_id in ids:
+                if token_id is None and name != "eos_token_id":
+                    continue  # transformers allows an unset pad / bos id
+                if not is_int(token_id) or token_id < 0:
+                    bad(f"{name} must be a token id (an integer >= 0), got {value!r}")
+                if token_id >= self.vocab_size:
+                    bad(f"{name}={value} does not fit in vocab_size={self.vocab_size} "
+                        f"(ids run 0..{self.vocab_size - 1})")
+        return self
 
 
 class GemmaMLP(nn.Module):

@@ -35,20 +35,49 @@ class PaliGemmaConfig:
     def __post_init__(self):
         if self.projection_dim is None:
             self.projection_dim = self.text.hidden_size
-        if self.projection_dim != self.text.hidden_size:
-            raise ValueError(f"projection_dim={self.projection_dim} must equal text hidden_size={self.text.hidden_size}")
+        if self.projection_dim != self.text.hidden_size and _is_int(self.text.hidden_size):
+            from genlab.errors import ConfigError
+
+            raise ConfigError(f"projection_dim={self.projection_dim} must equal text_config.hidden_size="
+                              f"{self.text.hidden_size}")
 
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
+    def validate(self) -> "PaliGemmaConfig":
+        """Return self if a model can be built from this config; else raise
+        ``genlab.errors.ConfigError`` naming the field (Hugging Face names: ``vision_config.*``,
+        ``text_config.*``, ``image_token_index``)."""
+        from genlab.errors import ConfigError
+
+        self.vision.validate("vision_config")
+        self.text.validate("text_config")
+        if self.projection_dim != self.text.hidden_size:
+            raise ConfigError(f"projection_dim={self.projection_dim!r} must equal text_config.hidden_size="
+                              f"{self.text.hidden_size}")
+        token = self.image_token_id
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ConfigError(f"image_token_index must be a token id (an integer >= 0), got {token!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        return self
+
     @classmethod
     def from_hf_dict(cls, d: dict) -> "PaliGemmaConfig":
-        """Build from a parsed PaliGemma ``config.json``."""
+        """Build from a parsed PaliGemma ``config.json`` (call ``validate()`` on the result to check
+        its values). It must hold ``text_config`` and ``vision_config`` mappings."""
+        from genlab.errors import ConfigError
+
         if d.get("model_type", "paligemma") != "paligemma":
-            raise ValueError(f"model_type {d.get('model_type')!r} is not 'paligemma'")
-        text = GemmaConfig.from_hf_dict(d.get("text_config") or {})
-        return cls(vision=SiglipConfig.from_hf_dict(d.get("vision_config") or {}), text=text,
+            raise ConfigError(f"model_type {d.get('model_type')!r} is not 'paligemma'")
+        for key in ("text_config", "vision_config"):
+            if not isinstance(d.get(key), dict):
+                what = "missing" if d.get(key) is None else f"not a mapping (got {type(d[key]).__name__})"
+                raise ConfigError(f"{key} is {what}: a PaliGemma config.json holds a text_config (Gemma) and a "
+                                  f"vision_config (SigLIP) section")
+        text = GemmaConfig.from_hf_dict(d["text_config"])
+        return cls(vision=SiglipConfig.from_hf_dict(d["vision_config"]), text=text,
                    image_token_id=d.get("image_token_index", d.get("image_token_id", 256000)),
                    projection_dim=d.get("projection_dim", text.hidden_size),
                    tie_word_embeddings=d.get("tie_word_embeddings", True))
@@ -65,6 +94,10 @@ class PaliGemmaConfig:
             "text_config": t.to_hf_dict(self.tie_word_embeddings, self.num_image_tokens),
             "vision_config": self.vision.to_hf_dict(self.projection_dim),
         }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class MultiModalProjector(nn.Module):

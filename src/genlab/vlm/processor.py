@@ -11,17 +11,18 @@ suffix causally; the loss is taken on the suffix only. A batch is padded on the
 LEFT so that every sequence ends at the last column, which is where generation
 appends new tokens.
 
-Images go through SigLIP's preprocessing: RGB (transparency composited on white),
+Images go through SigLIP's preprocessing: RGB (transparency composited on white, see `to_rgb`),
 PIL bicubic resize to (S, S), x/255, then (x - 0.5) / 0.5 per channel, channels first.
 
 The tokenizer is read from a checkpoint folder: tokenizer.json with the `tokenizers`
 library, or tokenizer.model with sentencepiece. Ids match
 `transformers.PaliGemmaProcessor` on the same folder (see tests/vlm/test_processor.py).
+A damaged file of the folder (truncated tokenizer.json, garbage tokenizer.model, bad JSON,
+fields of the wrong type) is a `genlab.errors.FileFormatError` naming the file.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,12 +31,54 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genlab.errors import ConfigError, FileFormatError
+from genlab.io import read_json
+
 IMAGE_TOKEN = "<image>"
 EXPECTED_FILES = "tokenizer.json (or tokenizer.model), plus optionally tokenizer_config.json, " \
     "special_tokens_map.json, preprocessor_config.json and config.json"
 
 
 # ----------------------------------------------------------------------------- images
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # PIL modes with an alpha band ("LAB"'s A is a colour)
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image or a uint8 array (H, W) / (H, W, C) as a uint8 RGB array (H, W, 3).
+
+    Transparency (an alpha band, or a palette / single-colour ``transparency``) is composited over
+    white, as transformers' ``convert_to_rgb`` does; every other mode (L, 1, P, CMYK, YCbCr, I, F,
+    ...) goes through PIL's ``convert("RGB")``, also as transformers does. Two deliberate
+    differences: 16-bit greyscale (``I;16*``, e.g. a 16-bit PNG) is scaled to 8 bits (value / 257)
+    rather than clipped at 255 (which turns nearly every pixel white), and LAB is converted as a
+    colour space (transformers mistakes its A channel for alpha).
+    """
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16"):
+            grey = np.asarray(image).astype(np.float64) / 257  # (H, W), 0..65535 -> 0..255
+            image = Image.fromarray(np.round(grey).astype(np.uint8), mode="L")
+        try:
+            if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
+                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, image.convert("RGBA"))
+            return np.asarray(image.convert("RGB"))
+        except ValueError as e:  # a mode PIL cannot convert (e.g. "La")
+            raise ValueError(f"cannot convert a mode-{image.mode} image to RGB ({e})") from e
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"numpy images must be uint8 (H, W[, C]) in [0, 255], got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"numpy images must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}")
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 4:  # blend onto white with the alpha channel, as transformers does
+        alpha = arr[..., 3:] / 255
+        return np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return arr
+
 
 @dataclass
 class SiglipImageTransform:
@@ -48,25 +91,8 @@ class SiglipImageTransform:
     resample: int = Image.Resampling.BICUBIC
 
     def to_rgb(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """A PIL image or a uint8 array (H, W) / (H, W, C) as a uint8 RGB array (H, W, 3)."""
-        if isinstance(image, Image.Image):
-            if "A" in image.getbands() or image.info.get("transparency") is not None:
-                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, image.convert("RGBA"))
-            return np.asarray(image.convert("RGB"))
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 (H, W[, C]) in [0, 255], got dtype {arr.dtype}")
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"numpy images must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}")
-        if arr.shape[-1] == 1:
-            return np.repeat(arr, 3, axis=-1)
-        if arr.shape[-1] == 4:  # blend onto white with the alpha channel, as transformers does
-            alpha = arr[..., 3:] / 255
-            return np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-        return arr
+        """A PIL image or a uint8 array (H, W) / (H, W, C) as a uint8 RGB array (H, W, 3); see `to_rgb`."""
+        return to_rgb(image)
 
     def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         size = (self.image_size, self.image_size)
@@ -86,9 +112,9 @@ class _HFTokenizersBackend:
     """tokenizer.json through the `tokenizers` library; added tokens (<image>, <bos>...) stay atomic."""
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer
+        from genlab.data.tokenizers import load_tokenizer_file
 
-        self.tok = Tokenizer.from_file(str(path))
+        self.tok = load_tokenizer_file(path)  # a damaged file is a FileFormatError naming it
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -109,7 +135,11 @@ class _SentencePieceBackend:
     def __init__(self, path: Path):
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # "could not parse ModelProto", "unk is not defined", ...
+            raise FileFormatError(f"{path}: not a readable sentencepiece tokenizer.model ({_first_line(e)}); "
+                                  f"it may be truncated or damaged") from e
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -137,18 +167,50 @@ class _SentencePieceBackend:
         return self.sp.get_piece_size()
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """The mapping in ``path`` ({} when there is no such file); a FileFormatError naming the file
+    when it is not JSON or not a mapping."""
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return read_json(path)
 
 
-def _token_str(value: Any) -> str | None:
+def _token_str(value: Any, path: Path, key: str) -> str | None:
     """Special tokens are stored either as "<bos>" or as {"content": "<bos>", ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    token = value.get("content") if isinstance(value, dict) else value
+    if token is not None and not isinstance(token, str):
+        raise FileFormatError(f"{path}: {key} must be a token string or {{\"content\": ...}}, got {value!r}")
+    return token
+
+
+def _field(where: Path | str, d: dict, key: str, kind: str, default: Any = None) -> Any:
+    """``d[key]`` checked against ``kind`` ("int>=1", "number>0", "int", "size", "triple"), else a
+    FileFormatError naming ``where`` (the file) and ``key``; ``default`` when the key is absent or null."""
+    value = d.get(key)
+    if value is None:
+        return default
+
+    def num(v, integer=False):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return ok and (not integer or isinstance(v, int))
+
+    ok = {
+        "int>=1": lambda v: num(v, True) and v >= 1,
+        "int": lambda v: num(v, True),
+        "number>0": lambda v: num(v) and v > 0,
+        "triple": lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(num(x) for x in v),
+        "size": lambda v: isinstance(v, dict) and all(num(v.get(k), True) and v[k] >= 1 for k in ("height", "width")),
+    }[kind](value)
+    if not ok:
+        want = {"int>=1": "an integer >= 1", "int": "an integer", "number>0": "a number > 0",
+                "triple": "a list of 3 numbers", "size": 'a mapping {"height": H, "width": W} of integers >= 1'}
+        raise FileFormatError(f"{where}: {key} must be {want[kind]}, got {value!r}")
+    return value
 
 
 def load_tokenizer(folder: Path) -> _HFTokenizersBackend | _SentencePieceBackend:
@@ -166,19 +228,28 @@ def load_tokenizer(folder: Path) -> _HFTokenizersBackend | _SentencePieceBackend
 def special_tokens(folder: Path, tokenizer) -> dict[str, tuple[str, int]]:
     """{"bos" | "eos" | "pad" | "image": (token, id)}, names from tokenizer_config.json or
     special_tokens_map.json when they say so, Gemma's names otherwise."""
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
-    tok_map = _read_json(folder / "special_tokens_map.json")
+    cfg_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
+    tok_cfg = _read_json(cfg_path)
+    tok_map = _read_json(map_path)
     extra = tok_cfg.get("extra_special_tokens")
     extra = extra if isinstance(extra, dict) else {}  # older files keep a plain list here
-    names = {"image": _token_str(extra.get("image_token")) or IMAGE_TOKEN}
+    # key -> (token, where its name came from)
+    names = {"image": (_token_str(extra.get("image_token"), cfg_path, "extra_special_tokens.image_token"), cfg_path)}
     for key in ("bos", "eos", "pad"):
-        names[key] = _token_str(tok_cfg.get(f"{key}_token")) or _token_str(tok_map.get(f"{key}_token")) or f"<{key}>"
+        names[key] = (_token_str(tok_cfg.get(f"{key}_token"), cfg_path, f"{key}_token"), cfg_path)
+        if names[key][0] is None:
+            names[key] = (_token_str(tok_map.get(f"{key}_token"), map_path, f"{key}_token"), map_path)
     out = {}
-    for key, token in names.items():
+    for key, (token, source) in names.items():
+        if token is None:  # Gemma's names when no file gives one
+            token, source = (IMAGE_TOKEN if key == "image" else f"<{key}>"), None
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"the tokenizer in {folder} has no {key} token {token!r} "
-                             "(names are read from tokenizer_config.json / special_tokens_map.json)")
+            if source is not None:
+                raise FileFormatError(f"{source} names the {key} token {token!r}, which the tokenizer in {folder} "
+                                      f"does not have")
+            raise FileFormatError(f"the tokenizer in {folder} has no {key} token {token!r} (Gemma's name; "
+                                  f"tokenizer_config.json or special_tokens_map.json can name another)")
         out[key] = (token, token_id)
     return out
 
@@ -188,26 +259,39 @@ def image_settings(
 ) -> tuple[SiglipImageTransform, int]:
     """The image transform and the number of image tokens. Sizes come from the arguments, else
     preprocessor_config.json (size, image_seq_length), else config.json (vision_config)."""
-    pre = _read_json(folder / "preprocessor_config.json")
-    vision = _read_json(folder / "config.json").get("vision_config", {})
+    pre_path, cfg_path = folder / "preprocessor_config.json", folder / "config.json"
+    pre = _read_json(pre_path)
+    vision = _read_json(cfg_path).get("vision_config") or {}
+    if not isinstance(vision, dict):
+        raise FileFormatError(f"{cfg_path}: vision_config must be a mapping, got {vision!r}")
+    vision_path = f"{cfg_path}: vision_config"  # names the section in messages
     if image_size is None:
-        size = pre.get("size", {})
-        if size and size.get("height") != size.get("width"):
-            raise ValueError(f"{folder / 'preprocessor_config.json'}: only square images are supported, got {size}")
-        image_size = size.get("height") or vision.get("image_size")
+        size = _field(pre_path, pre, "size", "size", {})
+        if size and size["height"] != size["width"]:
+            raise FileFormatError(f"{pre_path}: only square images are supported, got size {size}")
+        image_size = size.get("height") or _field(vision_path, vision, "image_size", "int>=1")
     if num_image_tokens is None:
-        num_image_tokens = pre.get("image_seq_length")
-        if num_image_tokens is None and image_size and vision.get("patch_size"):
-            num_image_tokens = (image_size // vision["patch_size"]) ** 2  # one token per SigLIP patch
+        num_image_tokens = _field(pre_path, pre, "image_seq_length", "int>=1")
+        patch = _field(vision_path, vision, "patch_size", "int>=1")
+        if num_image_tokens is None and image_size and patch:
+            num_image_tokens = (image_size // patch) ** 2  # one token per SigLIP patch
     if image_size is None or num_image_tokens is None:
-        raise ValueError(f"cannot tell the image size / number of image tokens for {folder}: pass image_size= and "
-                         "num_image_tokens=, or add preprocessor_config.json (size, image_seq_length) or config.json")
+        raise FileFormatError(f"cannot tell the image size / number of image tokens for {folder}: pass image_size= "
+                              "and num_image_tokens=, or add preprocessor_config.json (size, image_seq_length) or "
+                              "config.json")
+    resample = _field(pre_path, pre, "resample", "int", Image.Resampling.BICUBIC)
+    if resample not in {int(m) for m in Image.Resampling}:
+        raise FileFormatError(f"{pre_path}: resample={resample} is not a PIL resampling filter "
+                              f"(3 = bicubic, as SigLIP uses)")
+    std = _field(pre_path, pre, "image_std", "triple", (0.5, 0.5, 0.5))
+    if any(x <= 0 for x in std):
+        raise FileFormatError(f"{pre_path}: image_std must be > 0 per channel, got {std}")
     transform = SiglipImageTransform(
         image_size=int(image_size),
-        mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
-        std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
-        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
-        resample=int(pre.get("resample", Image.Resampling.BICUBIC)),
+        mean=tuple(_field(pre_path, pre, "image_mean", "triple", (0.5, 0.5, 0.5))),
+        std=tuple(std),
+        rescale_factor=float(_field(pre_path, pre, "rescale_factor", "number>0", 1 / 255)),
+        resample=int(resample),
     )
     return transform, int(num_image_tokens)
 
@@ -238,7 +322,7 @@ class PaliGemmaProcessor:
         image_token, image_id = specials["image"]
         expected = _read_json(folder / "config.json").get("image_token_index")
         if expected is not None and expected != image_id:
-            raise ValueError(f"{folder / 'config.json'} says image_token_index={expected} but the tokenizer "
+            raise FileFormatError(f"{folder / 'config.json'} says image_token_index={expected} but the tokenizer "
                              f"maps {image_token!r} to {image_id}")
         ids = {key: token_id for key, (_, token_id) in specials.items()}
         return cls(tokenizer, transform, num_image_tokens, ids, image_token)
@@ -273,7 +357,8 @@ class PaliGemmaProcessor:
         """<image> x N, <bos>, then the prompt and its closing newline tokenized together, as transformers
         does. (Gemma's "\n" is an atomic piece, so this equals tokenizing it separately, as big_vision does.)"""
         if self.image_token in prompt:
-            raise ValueError(f"prompts must not contain {self.image_token!r}: the processor places image tokens itself")
+            raise ConfigError(f"prompts must not contain {self.image_token!r}: the processor places image "
+                              f"tokens itself")
         image = [self.image_token_id] * self.num_image_tokens
         return image + [self.bos_token_id] + self.tokenizer.encode(prompt + "\n")
 
@@ -295,13 +380,13 @@ class PaliGemmaProcessor:
         images = list(images)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
-            raise ValueError("empty batch: pass at least one image and one prompt")
+            raise ConfigError("empty batch: pass at least one image and one prompt")
         if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; PaliGemma takes one per prompt")
+            raise ConfigError(f"got {len(images)} images for {len(prompts)} prompts; PaliGemma takes one per prompt")
         if suffixes is not None:
             suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
             if len(suffixes) != len(prompts):
-                raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts")
+                raise ConfigError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts")
 
         rows = []  # (ids, token_type) per example
         for i, prompt in enumerate(prompts):

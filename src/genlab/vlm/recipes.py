@@ -12,28 +12,28 @@ of greedy answers on held-out scenes), examples.png and loss.png.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.config import save_yaml
+from genlab.config import Check, positive, validate
 from genlab.data.shapes import QUESTION_KINDS, describe, make_qa, render_scene, sample_scene, text_corpus
-from genlab.train.engine import TrainConfig, Trainer, seed_everything
+from genlab.train.engine import TrainConfig, Trainer
+from genlab.train.run import start_run, write_report
 from genlab.vlm.gemma import GemmaConfig
 from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import save_paligemma
 from genlab.vlm.paligemma import PaliGemma, PaliGemmaConfig
 from genlab.vlm.processor import PaliGemmaProcessor
 from genlab.vlm.siglip import SiglipConfig
-from genlab.vlm.plots import plot_examples, plot_loss
-from genlab.vlm.tiny_tokenizer import make_tiny_tokenizer
+from genlab.vlm.plots import plot_examples
+from genlab.data.tokenizers import make_tiny_tokenizer
 
 
 @dataclass
@@ -43,28 +43,24 @@ class ShapesData:
     question_kinds: tuple[str, ...] = QUESTION_KINDS  # vqa only
     vocab_size: int = 320  # tokenizer size: alphabet + specials + merges for the world's words
 
-
-@dataclass
-class VisionSize:
-    """SigLIP tower; patches = (image_size / patch_size)^2 image tokens."""
-
-    layers: int = 2
-    hidden: int = 96
-    intermediate: int = 192
-    heads: int = 4
-    patch_size: int = 8
+    def checks(self) -> Iterable[Check]:
+        yield from positive("min_objects", cfg=self)
+        yield "max_objects", self.max_objects >= self.min_objects, "must be >= --data.min-objects"
+        unknown = [k for k in self.question_kinds if k not in QUESTION_KINDS]
+        yield "question_kinds", bool(self.question_kinds) and not unknown, f"choose from {list(QUESTION_KINDS)}"
 
 
-@dataclass
-class TextSize:
-    """Gemma decoder with multi-query attention (one key/value head), as PaliGemma 1."""
+def tiny_vision() -> SiglipConfig:
+    """SigLIP 2 layers x 96 at 32 px / patch 8: 16 image tokens."""
+    return SiglipConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
 
-    layers: int = 2
-    hidden: int = 128
-    intermediate: int = 256
-    heads: int = 4
-    kv_heads: int = 1
-    head_dim: int = 32
+
+def tiny_text() -> GemmaConfig:
+    """A Gemma (PaliGemma 1's decoder) of 2 layers x 128 with one key/value head (multi-query attention).
+    vocab_size and the pad / bos / eos ids are set from the tokenizer the recipe trains."""
+    return GemmaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024)
 
 
 @dataclass
@@ -75,23 +71,33 @@ class VLMEval:
     grid: int = 16  # examples drawn in examples.png
     seed: int = 10_007  # held-out scenes come from their own generator
 
+    def checks(self) -> Iterable[Check]:
+        yield from positive("n", "batch_size", "max_new_tokens", cfg=self)
+        yield "grid", 0 <= self.grid <= self.n, "must be in [0, --eval.n]"
+
 
 @dataclass
-class VLMTrainConfig:
-    """Tiny PaliGemma on shapes. The embedded defaults are the CPU preset used by ``genlab demo``."""
+class ShapesPaliGemmaConfig:
+    """A tiny PaliGemma trained from scratch on the shapes world. The embedded defaults are the CPU
+    preset used by ``genlab demo``; ``vision`` and ``text`` are the model's own configs."""
 
     run_dir: str = "runs/vlm-shapes-caption"
     task: Literal["caption", "vqa"] = "caption"
-    image_size: int = 32
     data: ShapesData = field(default_factory=ShapesData)
-    vision: VisionSize = field(default_factory=VisionSize)
-    text: TextSize = field(default_factory=TextSize)
+    vision: SiglipConfig = field(default_factory=tiny_vision)
+    text: GemmaConfig = field(default_factory=tiny_text)
     init_std: float = 0.02  # normal init of every linear / embedding weight, as transformers does
     eval: VLMEval = field(default_factory=VLMEval)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1200, batch_size=64, lr=3e-3, optimizer="muon", warmup_steps=50, ema_decay=0.0,
         checkpoint_every=600, log_every=10, threads=1,
     ))
+
+    def checks(self) -> Iterable[Check]:
+        yield "init_std", self.init_std > 0, "must be > 0"
+        tokens = self.vision.num_patches + 32  # image tokens + room for a prompt and an answer
+        yield "text.max_position_embeddings", self.text.max_position_embeddings >= tokens, \
+            f"must hold the {self.vision.num_patches} image tokens and the text (>= {tokens})"
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,7 +109,7 @@ class ShapesBatchSource:
     weights-only checkpoint loader accepts), so a resumed run draws exactly the scenes it would have.
     """
 
-    def __init__(self, processor: PaliGemmaProcessor, cfg: VLMTrainConfig, seed: int):
+    def __init__(self, processor: PaliGemmaProcessor, cfg: "ShapesPaliGemmaConfig", seed: int):
         self.processor, self.cfg = processor, cfg
         self.rng = np.random.default_rng(seed)
 
@@ -111,7 +117,7 @@ class ShapesBatchSource:
         """``n`` examples as (images (S, S, 3) uint8, prompts, answers, kinds). The kind is the
         question kind for vqa and "1 object", "2 objects"... for captions."""
         images, prompts, answers, kinds = [], [], [], []
-        d = self.cfg.data
+        d, size = self.cfg.data, self.cfg.vision.image_size
         for _ in range(n):
             scene = sample_scene(self.rng, min_objects=d.min_objects, max_objects=d.max_objects)
             if self.cfg.task == "caption":
@@ -125,7 +131,7 @@ class ShapesBatchSource:
                 prompts.append(f"answer en {qa.question}")
                 answers.append(qa.answer)
                 kinds.append(qa.kind)
-            images.append(render_scene(scene, self.cfg.image_size))
+            images.append(render_scene(scene, size))
         return images, prompts, answers, kinds
 
     def next_batch(self, n: int) -> dict[str, torch.Tensor]:
@@ -141,27 +147,29 @@ class ShapesBatchSource:
 
 # ----------------------------------------------------------------------------- model and objective
 
-def build_tokenizer(cfg: VLMTrainConfig, folder: Path) -> PaliGemmaProcessor:
+def build_tokenizer(cfg: ShapesPaliGemmaConfig, folder: Path) -> PaliGemmaProcessor:
     """Train a tokenizer on this world's texts (every word becomes a single token) and write a
     processor folder for it; returns the processor."""
     d = cfg.data
     rng = np.random.default_rng(0)  # a fixed corpus: every rank and every resume gets the same tokenizer
     corpus = text_corpus(rng, 300, min_objects=1, max_objects=max(3, d.max_objects))
     corpus += ["caption en", "answer en"] * 50
-    num_patches = (cfg.image_size // cfg.vision.patch_size) ** 2
-    make_tiny_tokenizer(folder, d.vocab_size, corpus, image_size=cfg.image_size, num_image_tokens=num_patches)
+    make_tiny_tokenizer(folder, d.vocab_size, corpus, image_size=cfg.vision.image_size,
+                        num_image_tokens=cfg.vision.num_patches)
     return PaliGemmaProcessor.from_pretrained(folder)
 
 
-def model_config(cfg: VLMTrainConfig, processor: PaliGemmaProcessor) -> PaliGemmaConfig:
-    v, t = cfg.vision, cfg.text
-    vision = SiglipConfig(hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.layers,
-                          num_attention_heads=v.heads, image_size=cfg.image_size, patch_size=v.patch_size)
-    text = GemmaConfig(vocab_size=len(processor), hidden_size=t.hidden, intermediate_size=t.intermediate,
-                       num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
-                       head_dim=t.head_dim, max_position_embeddings=1024, pad_token_id=processor.pad_token_id,
-                       bos_token_id=processor.bos_token_id, eos_token_id=processor.eos_token_id)
-    return PaliGemmaConfig(vision=vision, text=text, image_token_id=processor.image_token_id)
+def with_tokenizer(cfg: ShapesPaliGemmaConfig, processor: PaliGemmaProcessor) -> ShapesPaliGemmaConfig:
+    """The config with the fields the tokenizer decides filled in (vocabulary size, special ids)."""
+    text = replace(cfg.text, vocab_size=len(processor), pad_token_id=processor.pad_token_id,
+                   bos_token_id=processor.bos_token_id, eos_token_id=processor.eos_token_id)
+    return replace(cfg, text=text)
+
+
+def model_config(cfg: ShapesPaliGemmaConfig, processor: PaliGemmaProcessor) -> PaliGemmaConfig:
+    """The PaliGemma config of the recipe: its vision and text configs with the tokenizer's fields."""
+    text = with_tokenizer(cfg, processor).text
+    return PaliGemmaConfig(vision=cfg.vision, text=text, image_token_id=processor.image_token_id).validate()
 
 
 def init_weights(model: nn.Module, std: float) -> None:
@@ -209,7 +217,7 @@ def answer(model: PaliGemma, processor: PaliGemmaProcessor, images: list[np.ndar
     return out
 
 
-def evaluate(model: PaliGemma, processor: PaliGemmaProcessor, cfg: VLMTrainConfig, run_dir: Path,
+def evaluate(model: PaliGemma, processor: PaliGemmaProcessor, cfg: ShapesPaliGemmaConfig, run_dir: Path,
              step: int) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on ``cfg.eval.n`` held-out scenes, overall and per kind,
     beside the accuracy of always giving the most common answer of each kind (the chance level);
@@ -223,17 +231,16 @@ def evaluate(model: PaliGemma, processor: PaliGemmaProcessor, cfg: VLMTrainConfi
         rows = [i for i, k in enumerate(kinds) if k == kind]
         by_kind[kind] = {"n": len(rows), "accuracy": float(np.mean([right[i] for i in rows]))}
         majority += max(np.unique([truths[i] for i in rows], return_counts=True)[1])
-    report = {"step": step, "task": cfg.task, "n": ev.n, "accuracy": float(np.mean(right)),
+    report = {"step": step, "task": cfg.task, "weights": "ema" if cfg.train.ema_decay > 0 else "trained",
+              "n": ev.n, "accuracy": float(np.mean(right)),
               "majority_baseline": majority / ev.n, "by_kind": by_kind,
               "examples": [{"prompt": p, "answer": a, "truth": t} for p, a, t in
                            zip(prompts[:ev.grid], preds[:ev.grid], truths[:ev.grid])]}
     run_dir = Path(run_dir)
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, run_dir / "eval.json")
-    plot_examples(images[:ev.grid], prompts[:ev.grid], preds[:ev.grid], truths[:ev.grid],
-                        run_dir / "examples.png")
-    plot_loss(run_dir, run_dir / "loss.png")
+    write_report(run_dir, report)
+    if ev.grid:
+        plot_examples(images[:ev.grid], prompts[:ev.grid], preds[:ev.grid], truths[:ev.grid],
+                      run_dir / "examples.png")
     flat = {"accuracy": report["accuracy"], "majority_baseline": report["majority_baseline"]}
     flat.update({f"accuracy/{k}": v["accuracy"] for k, v in by_kind.items()})
     return flat
@@ -241,32 +248,30 @@ def evaluate(model: PaliGemma, processor: PaliGemmaProcessor, cfg: VLMTrainConfi
 
 # ----------------------------------------------------------------------------- entry point
 
-def train(cfg: VLMTrainConfig, resume: bool = False) -> Path:
+def train(cfg: ShapesPaliGemmaConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and export; returns the run folder (config.yaml, metrics, checkpoints, hf/,
     eval.json, examples.png, loss.png). ``resume`` continues from the last checkpoint exactly."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rank = int(os.environ.get("RANK", 0))
-    hf_dir = run_dir / "hf"
-    if rank == 0:
-        save_yaml(cfg, run_dir / "config.yaml")
-    # Rank 0 writes the tokenizer into the HF folder; other ranks build the same one in a folder that is
-    # removed once the processor holds it in memory.
-    if rank == 0:
-        processor = build_tokenizer(cfg, hf_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="genlab-tok-") as tmp:
-            processor = build_tokenizer(cfg, Path(tmp))
-    seed_everything(cfg.train.seed + rank)
+    validate(cfg)
+    # The tokenizer decides part of the model config: build it (in memory) before the run folder is touched.
+    with tempfile.TemporaryDirectory(prefix="genlab-tok-") as tmp:
+        processor = build_tokenizer(cfg, Path(tmp))
+    cfg = with_tokenizer(cfg, processor)
     mcfg = model_config(cfg, processor)
+    run = start_run(cfg, resume=resume, overwrite=overwrite)
+    if run.finished:
+        return run.dir
     model = PaliGemma(mcfg)
     init_weights(model, cfg.init_std)
-    data = ShapesBatchSource(processor, cfg, seed=cfg.train.seed + 1000 * rank)
+    data = ShapesBatchSource(processor, cfg, seed=cfg.train.seed + 1000 * run.dist.rank)
 
-    def eval_fn(step: int, m: nn.Module) -> dict[str, float]:
-        return evaluate(m, processor, cfg, run_dir, step)
+    def eval_fn(step: int, m: nn.Module, final: bool) -> dict[str, float]:
+        return evaluate(m, processor, cfg, run.dir, step)
 
-    trained = Trainer(model, suffix_loss, data, cfg.train, run_dir, eval_fn=eval_fn, resume=resume).fit()
-    if rank == 0:
-        save_paligemma(trained, mcfg, hf_dir)
-    return run_dir
+    trainer = Trainer(model, suffix_loss, data, cfg.train, run, eval_fn=eval_fn)
+    trainer.fit()
+    if run.dist.is_main:
+        hf_dir = run.dir / "hf"
+        build_tokenizer(cfg, hf_dir)
+        with trainer.sampling_weights() as m:
+            save_paligemma(m, mcfg, hf_dir)
+    return run.dir

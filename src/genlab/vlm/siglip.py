@@ -10,22 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genlab.nn.attention import Attention
-
-ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
-
-
-def activation(name: str):
-    """The activation called ``name`` in a Hugging Face config (only the GELUs PaliGemma uses)."""
-    if name not in ACTIVATIONS:
-        raise NotImplementedError(f"activation {name!r} is not supported (known: {sorted(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
+from genlab.nn.blocks import MLP
+from genlab.nn.embeddings import PatchEmbedding
 
 
 @dataclass
@@ -63,30 +52,56 @@ class SiglipConfig:
         return {**asdict(self), "model_type": "siglip_vision_model", "vision_use_head": False,
                 "projection_dim": projection_dim, "attention_dropout": 0.0}
 
+    def validate(self, where: str = "vision_config") -> "SiglipConfig":
+        """Return self if a tower can be built from this config (and transformers would build the
+        same one); else raise ``genlab.errors.ConfigError`` naming the field by its Hugging Face
+        name, prefixed by ``where``: e.g. ``vision_config: hidden_size=96 is not divisible by
+        num_attention_heads=5``."""
+        from genlab.errors import ConfigError
+
+        def bad(message: str):
+            raise ConfigError(f"{where}: {message}")
+
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_channels", "image_size", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                bad(f"{name} must be >= 1, got {value}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            bad(f"layer_norm_eps must be a number > 0, got {eps!r}")
+        if not isinstance(self.hidden_act, str):
+            bad(f"hidden_act must be a string, got {self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            bad(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads} (each head gets hidden_size / num_attention_heads channels; "
+                f"transformers refuses such a config)")
+        if self.image_size % self.patch_size:
+            bad(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size} (the last "
+                f"{self.image_size % self.patch_size} pixels of each row and column would be dropped)")
+        return self
+
 
 class SiglipEmbeddings(nn.Module):
     """Pixels (B, C, H, W) -> patch tokens plus learned position embeddings (B, N, D)."""
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, N, D), row-major
         return x + self.position_embedding.weight
 
 
-class SiglipMLP(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = activation(cfg.hidden_act)
+class SiglipMLP(MLP):
+    """fc2(act(fc1(x))) with the config's sizes and ``hidden_act``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
 
 class SiglipEncoderLayer(nn.Module):
