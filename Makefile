@@ -11,11 +11,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[dev]"
+	# Benchmark peers, for the benchmark smoke tests (never imported by genlab itself).
+	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps torchcfm==1.0.7
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,9 +29,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
-# Peers are installed only for the benchmarks (never imported by genlab itself).
 bench: $(STAMP)
-	$(BIN)/pip install -q --no-deps torchcfm==1.0.7
 	$(BIN)/python benchmarks/flow_toy.py
 	$(BIN)/python benchmarks/paligemma_infer.py
 	$(BIN)/python benchmarks/paligemma_infer.py --batch-sizes 1 --compile

@@ -151,13 +151,18 @@ Check = tuple[str, bool, str]  # (field, ok, what it must be), the field relativ
 def validate(cfg: Any, prefix: str = "") -> None:
     """Check a whole (nested) config before anything is written: every dataclass in it may define
     ``checks(self) -> Iterable[(field, ok, requirement)]``; the first failing check is a ConfigError
-    that names the flag as the user types it (``--train.batch-size=0: must be >= 1``)."""
+    that names the flag as the user types it (``--train.batch-size=0: must be >= 1``). A model's own
+    config (which round-trips with a Hugging Face config.json) may instead have ``validate(where)``,
+    called with its section's flag (``--vision: hidden_size=96 is not divisible by ...``). Sections are
+    checked before the config that holds them, so its checks may rely on theirs."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{f.name}.")
     checks = getattr(cfg, "checks", None)
     if checks is None:
+        if callable(getattr(cfg, "validate", None)) and prefix:
+            cfg.validate(flag(prefix.rstrip(".")))
         return
     for name, ok, requirement in checks():
         if not ok:

@@ -42,7 +42,9 @@ def demo_config_class(families: tuple[tuple[str, str], ...]) -> type:
     """``DemoConfig``: out, families, and one section per family holding its demo config."""
     demos = family_demos(dict(families))
     sections = [(name, resolve(d.config), field(default_factory=resolve(d.config))) for name, d in demos.items()]
-    return make_dataclass("DemoConfig", sections, bases=(_DemoBase,), module=__name__)
+    cls = make_dataclass("DemoConfig", sections, bases=(_DemoBase,))
+    cls.__module__ = __name__
+    return cls
 
 
 def run_demo(cfg, families: dict[str, str]) -> dict:

@@ -249,3 +249,25 @@ def test_kill_9_then_resume_is_bit_for_bit(tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = (tmp_path / r / "checkpoints" / "step_00000300" / name for r in ("full", "cut"))
         assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_resume_with_an_architecture_override_changes_nothing(copy, capsys):  # sibling of R12/R13
+    run = copy()
+    before = snapshot(run)
+    fails(["flow", "train", "--resume", str(run), "--train.steps", "30", "--model.hidden", "64"], capsys,
+          "does not match the model", "shape mismatches")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--vision.num-attention-heads", "5", "--vision: hidden_size=96 is not divisible by num_attention_heads=5"),  # T12
+    ("--vision.patch-size", "0", "--vision: patch_size must be >= 1"),  # T04
+    ("--vision.image-size", "30", "--vision: image_size=30 is not a multiple of patch_size=8"),  # T02
+    ("--data.max-objects", "9", "--data.max-objects=9: at most"),  # T13: fails fast instead of hanging
+    ("--eval.n", "0", "--eval.n=0: must be >= 1"),  # T10: before training
+    ("--data.vocab-size", "10", "vocab_size=10"),  # T06
+])
+def test_vlm_train_validates_first(tmp_path, capsys, flag, value, needle):
+    run = tmp_path / "vlm"
+    fails(["vlm", "train", "--run-dir", str(run), "--train.steps", "2", flag, value], capsys, needle)
+    assert not run.exists()

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.config import Check, positive, validate
-from genlab.data.shapes import QUESTION_KINDS, describe, make_qa, render_scene, sample_scene, text_corpus
+from genlab.data.shapes import (QUESTION_KINDS, describe, make_qa, max_objects_that_fit, render_scene, sample_scene,
+                                text_corpus)
 from genlab.train.engine import TrainConfig, Trainer
 from genlab.train.run import start_run, write_report
 from genlab.vlm.gemma import GemmaConfig
@@ -46,6 +47,9 @@ class ShapesData:
     def checks(self) -> Iterable[Check]:
         yield from positive("min_objects", cfg=self)
         yield "max_objects", self.max_objects >= self.min_objects, "must be >= --data.min-objects"
+        fit = max_objects_that_fit()
+        yield "max_objects", self.max_objects <= fit, (f"at most {fit} objects of the world's sizes fit in one scene "
+                                                       f"without overlapping; use fewer")
         unknown = [k for k in self.question_kinds if k not in QUESTION_KINDS]
         yield "question_kinds", bool(self.question_kinds) and not unknown, f"choose from {list(QUESTION_KINDS)}"
 
