@@ -1,2 +1,0 @@
-"""genlab: readable deep generative models."""
-__version__ = "0.1.0"
