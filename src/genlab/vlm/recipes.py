@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.config import Check, positive, validate
+from genlab.config import Check, ConfigError, positive, validate
 from genlab.data.shapes import (QUESTION_KINDS, describe, make_qa, max_objects_that_fit, render_scene, sample_scene,
                                 text_corpus)
 from genlab.train.engine import TrainConfig, Trainer
@@ -35,6 +35,9 @@ from genlab.vlm.processor import PaliGemmaProcessor
 from genlab.vlm.siglip import SiglipConfig
 from genlab.vlm.plots import plot_examples
 from genlab.data.tokenizers import make_tiny_tokenizer
+
+
+MAX_REDRAWS = 1000  # scenes drawn for one question before the question kinds are declared impossible
 
 
 @dataclass
@@ -129,8 +132,13 @@ class ShapesBatchSource:
                 answers.append(describe(scene))
                 kinds.append(f"{len(scene.objects)} object" + "s" * (len(scene.objects) > 1))
             else:
-                while not (qas := make_qa(scene, self.rng, d.question_kinds)):  # none of the kinds fits
+                for _ in range(MAX_REDRAWS):  # none of the kinds fits this scene: draw another
+                    if qas := make_qa(scene, self.rng, d.question_kinds):
+                        break
                     scene = sample_scene(self.rng, min_objects=d.min_objects, max_objects=d.max_objects)
+                else:
+                    raise ConfigError(f"--data.question-kinds={','.join(d.question_kinds)}: no question of these "
+                                      f"kinds fits {MAX_REDRAWS} scenes in a row; choose other kinds or objects")
                 qa = qas[int(self.rng.integers(len(qas)))]
                 prompts.append(f"answer en {qa.question}")
                 answers.append(qa.answer)
