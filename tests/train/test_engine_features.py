@@ -131,6 +131,7 @@ def test_validation_is_the_loss_on_every_val_batch(tmp_path):
         want = sum(mse_loss(t.model, b)[0] * len(b["x"]) for b in val) / 8
     row = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "val"][-1]
     assert row["step"] == 6 and row["loss"] == pytest.approx(want.item(), rel=1e-6)
+    assert (tmp_path / "loss.png").is_file()  # drawn by the engine, validation points included
 
 
 def test_on_save_runs_after_each_checkpoint(tmp_path):

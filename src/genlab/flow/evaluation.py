@@ -64,7 +64,8 @@ def evaluate_toy2d(model, cfg, run_dir: str | Path, step: int, final: bool = Tru
     plots.plot_trajectories(traj, run_dir / "trajectories.png", n=min(1000, ev.n_samples),
                             title=f"{cfg.data.source} -> {cfg.data.target}")
     euler = [r for r in report["solvers"] if r["solver"] == "euler"]
-    plots.plot_nfe_curve([r["nfe"] for r in euler], [r["w2"] for r in euler], run_dir / "w2_vs_nfe.png")
+    plots.plot_nfe_curve([r["nfe"] for r in euler], [r["w2"] for r in euler], run_dir / "w2_vs_nfe.png",
+                         reference=report["w2_source_target"])
 
     if has_log_prob(cfg.data.source) and (ev.nll_samples or ev.density_resolution):
         src_lp = lambda x: toy2d_log_prob(cfg.data.source, x)  # noqa: E731

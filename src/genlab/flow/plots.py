@@ -137,12 +137,15 @@ def plot_density(
     return _save(fig, path)
 
 
-def plot_nfe_curve(nfes, w2s, path: str | Path, title: str = "sample quality vs NFE") -> Path:
+def plot_nfe_curve(nfes, w2s, path: str | Path, title: str = "sample quality vs NFE",
+                   reference: float | None = None) -> Path:
     """W2 to the target against the number of function evaluations, log-scaled NFE axis.
 
     ``w2s`` may be one sequence (one curve) or a mapping ``label -> sequence`` to
     compare methods (e.g. I-CFM vs OT-CFM); ``nfes`` is then either one shared
-    sequence or a mapping with the same labels.
+    sequence or a mapping with the same labels. ``reference`` (e.g. W2 of the source itself to the
+    target) is drawn as a dashed line, and the y axis starts at 0 so that noise does not look like
+    a trend.
     """
     curves = w2s if isinstance(w2s, Mapping) else {"": w2s}
     fig, (ax,) = _new_figure(5.5, 3.8)
@@ -156,10 +159,13 @@ def plot_nfe_curve(nfes, w2s, path: str | Path, title: str = "sample quality vs 
         ax.set_xticks(sorted(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_locator(NullLocator())
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="source vs target")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("NFE (function evaluations)")
     ax.set_ylabel("W2 to target")
     ax.grid(alpha=0.3, which="both")
-    if any(curves):
+    if any(curves) or reference is not None:
         ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)

@@ -161,8 +161,6 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
         self.step = 0
         self.best: float | None = None
-        self.weights_note = (f"EMA of the trained weights (decay {cfg.ema_decay}, warm-up (1+k)/(10+k))"
-                             if self.ema is not None else "the trained weights (no EMA)")
         if resume is not False:
             self._resume(ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume))
 
