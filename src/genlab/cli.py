@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ngenlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `genlab ... --help | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         from genlab.train.distributed import cleanup
 

@@ -24,5 +24,5 @@ class RunFolderError(GenlabError):
     """A run folder cannot be used as asked (it holds a run, it has nothing to resume, ...)."""
 
 
-class CheckpointMismatchError(GenlabError):
+class CheckpointMismatchError(FileFormatError):
     """Weights on disk and the model built from its config disagree (the message names every key)."""

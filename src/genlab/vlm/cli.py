@@ -151,7 +151,7 @@ def generate_cmd(args: GenerateArgs) -> list[str]:
 class ScenesArgs:
     """Write a few shapes-world images (and their captions) to try `genlab vlm generate` on."""
 
-    out: str = "shapes-images"  # folder for scene_000.png, ... and captions.json
+    out: str = "shapes-images"  # folder for scene_000.png, ... and scenes.txt / scenes.json (their captions)
     n: int = 4
     image_size: int = 64
     seed: int = 0

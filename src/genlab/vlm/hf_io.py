@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from genlab.errors import ConfigError, FileFormatError
+from genlab.errors import CheckpointMismatchError, ConfigError, FileFormatError  # noqa: F401  (re-exported)
 from genlab.io import atomic_write_json, read_json, save_safetensors
 from genlab.vlm.paligemma import PaliGemma, PaliGemmaConfig
 
@@ -52,12 +52,6 @@ _SAVE_RULES = [
     ("multi_modal_projector.", "multi_modal_projector."),
 ]
 _TIED_HEAD = "lm_head.weight"
-
-
-class CheckpointMismatchError(FileFormatError):
-    """The weight files and the model built from config.json disagree (message names each key).
-
-    A ``GenlabError`` (the ``genlab`` command prints it as one line), no longer a ``KeyError``."""
 
 
 def hf_to_genlab_key(key: str) -> str | None:
