@@ -168,3 +168,40 @@ def test_map_data_source_epochs_shards_and_resumes():
 def test_map_data_source_with_worker_processes_gives_the_same_batches():
     a, b = MapDataSource(Squares(), seed=1), MapDataSource(Squares(), seed=1, num_workers=2)
     assert [a.next_batch(3)["i"].tolist() for _ in range(4)] == [b.next_batch(3)["i"].tolist() for _ in range(4)]
+
+
+def test_muon_rule_is_explicit_and_overridable(tmp_path):
+    class WithLora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.lora_A = nn.Linear(8, 2, bias=False)
+            self.head = nn.Linear(8, 1)
+
+    def muon_names(t):
+        names = {id(p): n for n, p in t.model.named_parameters()}
+        return sorted(names[id(p)] for g in t.optimizers[0].param_groups for p in g["params"])
+
+    t = Trainer(WithLora(), mse_loss, ShardedRegression(), cfg(optimizer="muon"), tmp_path / "a")
+    assert isinstance(t.optimizers[0], torch.optim.Muon) and muon_names(t) == ["proj.weight"]
+    t = Trainer(WithLora(), mse_loss, ShardedRegression(), cfg(optimizer="muon"), tmp_path / "b",
+                muon_rule=lambda name, p: name == "head.weight")
+    assert muon_names(t) == ["head.weight"]
+
+
+def test_group_lrs_survive_an_extended_resume(tmp_path):
+    def trainer(steps, resume=False):
+        model = Tower()
+        return Trainer(model, mse_loss, ShardedRegression(), cfg(steps=steps, warmup_steps=2), tmp_path,
+                       param_groups=[{"module": model.base, "lr_scale": 0.1, "name": "base"}], resume=resume)
+
+    trainer(6).fit()
+    trainer(10, resume=True).fit()
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for r in rows:  # every step, both groups: base lr x scale x the 10-step schedule's factor
+        assert r["lr/base"] == pytest.approx(0.1 * r["lr/rest"], rel=1e-9)
+    from genlab.train.optim import lr_factor
+
+    assert rows[-1]["lr/rest"] == pytest.approx(1e-2 * lr_factor(10, 10, 2, "cosine", 0.0), abs=1e-12)
+    assert rows[7]["lr/rest"] == pytest.approx(1e-2 * lr_factor(8, 10, 2, "cosine", 0.0))

@@ -266,12 +266,7 @@ class GemmaModel(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """Run the decoder on ``embeds`` (B, L, D); ``attention_mask`` (B, L) covers the new tokens
         only (earlier ones are remembered by ``cache``). Returns hidden states (B, L, D)."""
-        if cache is not None and cache.length and embeds.shape[1] == 1 and attention_mask is None \
-                and position_ids is None and token_type_ids is None:
-            masks, position_ids = self._decode_step_masks(cache)
-        else:
-            masks, position_ids = self._masks_and_positions(embeds, attention_mask, token_type_ids,
-                                                            position_ids, cache)
+        masks, position_ids = self._masks_and_positions(embeds, attention_mask, token_type_ids, position_ids, cache)
         rope = self.rotary(position_ids, embeds.dtype)
         x = embeds
         for layer in self.layers:
@@ -319,17 +314,3 @@ class GemmaModel(nn.Module):
             position_ids = seen + new.long().cumsum(-1)  # 1 at the first real token
         window = self.config.sliding_window if self.uses_sliding else None
         return prefix_lm_masks(key_mask, q_start, prefix, window), position_ids
-
-    def _decode_step_masks(self, cache: KVCache):
-        """One real token appended to every row: the mask is a view of the cache's key mask."""
-        S = cache.length + 1
-        cache.key_mask[:, S - 1] = True
-        cache.seen += 1
-        full = cache.key_mask[:, None, None, :S]  # (B, 1, 1, S)
-        sliding = None
-        if self.uses_sliding:
-            sliding = full
-            if S > self.config.sliding_window:  # keys older than the window drop out
-                sliding = full.clone()
-                sliding[..., : S - self.config.sliding_window] = False
-        return (full, sliding), cache.seen[:, None].clone()
