@@ -123,3 +123,20 @@ def test_python_dash_m_lists_every_family():
     for mod in ("genlab", "genlab.cli"):
         out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60).stdout
         assert "genlab flow train" in out and "genlab vlm generate" in out, mod
+
+
+def test_family_help_and_unknown_family_command(capsys):
+    assert main(["vlm", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"genlab vlm {c}" in out for c in ("train", "generate", "scenes"))
+    assert main(["flow", "smaple"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'smaple'" in err and "genlab flow sample" in err
+
+
+def test_train_help_lists_the_run_flags_first(capsys):
+    with pytest.raises(SystemExit):
+        main(["flow", "train", "--help"])
+    out = capsys.readouterr().out
+    assert out.index("--resume RUN_DIR") < out.index("--train.steps") and "--overwrite" in out
+    assert "flow/toy2d-cpu" in out  # the shipped presets of this family
