@@ -1,4 +1,4 @@
-"""Pictures of a VLM run: answered examples and the loss curve (PNG, Agg, no pyplot)."""
+"""Pictures of a VLM run: answered examples (PNG, Agg, no pyplot); the engine draws loss.png."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from genlab.train.plots import plot_run_loss
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,8 +37,3 @@ def plot_examples(images: list[np.ndarray], prompts: list[str], answers: list[st
     fig.subplots_adjust(left=0.02, right=0.98, hspace=0.9, wspace=0.1, top=0.95, bottom=0.08)
     fig.savefig(path, format="png")
     return Path(path)
-
-
-def plot_loss(run_dir: Path, path: Path) -> Path | None:
-    """Training loss against step, from the run's metrics.jsonl."""
-    return plot_run_loss(run_dir, path, ylabel="answer-token cross-entropy")
