@@ -24,6 +24,7 @@ from genlab.errors import ConfigError, GenlabError
 FAMILIES = {
     "flow": "genlab.flow.cli",
     "vlm": "genlab.vlm.cli",
+    "text": "genlab.text.cli",
 }
 
 RUN_FLAGS = """options of every training command (before the fields of its config):
@@ -164,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GENLAB_DEBUG"):
             raise
         print(f"genlab: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:  # a folder or file the user cannot write: say which
+        if os.environ.get("GENLAB_DEBUG"):
+            raise
+        print(f"genlab: error: permission denied: {e.filename or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ngenlab: interrupted", file=sys.stderr)

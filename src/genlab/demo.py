@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Iterable
 
 from genlab.commands import Demo, resolve
-from genlab.config import Check, ConfigError, validate
+from genlab.config import Check, validate
 from genlab.io import atomic_write_json
+from genlab.train.run import check_run_dir
 
 
 def family_demos(families: dict[str, str]) -> dict[str, Demo]:
@@ -51,8 +52,7 @@ def run_demo(cfg, families: dict[str, str]) -> dict:
     """Run the families ``cfg.families`` (all when empty) in order; write and return the summary."""
     validate(cfg)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out={out}: is a file, not a folder")
+    check_run_dir(out, flag="--out")
     out.mkdir(parents=True, exist_ok=True)
     demos = family_demos(families)
     summary = {}

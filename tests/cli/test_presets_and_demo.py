@@ -95,3 +95,9 @@ def test_the_wheel_ships_the_presets(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for preset in preset_names():
         assert f"genlab/configs/{preset}.yaml" in names, preset
+
+
+def test_demo_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("a file")
+    assert main(["demo", "--out", str(tmp_path / "f" / "demo")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

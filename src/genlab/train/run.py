@@ -17,6 +17,7 @@ writes ``config.yaml``.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -102,11 +103,16 @@ def holds_run(folder: Path) -> bool:
     return any((folder / m).exists() for m in RUN_MARKERS)
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """``--run-dir`` must be a folder that can be made: no part of it may be a file."""
+def check_run_dir(run_dir: Path, flag: str = "--run-dir") -> None:
+    """A folder that can be made and written: no part of it may be a file, and the deepest part
+    that exists must be writable."""
     for p in (run_dir, *run_dir.parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"--run-dir={run_dir}: {p} is a file, not a folder")
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag}={run_dir}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag}={run_dir}: {p} is not writable by this user")
+            return
 
 
 def check_batch(train: Any, world_size: int) -> None:
