@@ -1,0 +1,1 @@
+"""Masked discrete diffusion for text (MDLM): models, objective, samplers, recipes."""

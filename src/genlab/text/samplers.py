@@ -1,0 +1,381 @@
+"""Samplers for masked discrete diffusion (MDLM): one interface, denoiser calls (NFE) counted.
+
+Conventions (see docs/theory/text.md):
+
+* time runs from t = 1 (all free positions masked) down to t = 0; ``schedule.alpha(t)`` is the
+  probability that a token is still unmasked at t (1 at t = 0, about 0 at t = 1); the grid is
+  ``steps`` equal steps t_k = 1 - k / steps;
+* ``denoiser(x (B, L) long, t (B,) float) -> logits (B, L, V)`` over the V real tokens only: the
+  mask id (= V) is never predicted (SUBS), so a draw is never the mask;
+* ``x_init`` (B, L) holds ``mask_id`` at the free positions and fixed tokens elsewhere (prefix
+  prompts, infilling): fixed tokens never change, and every sampler returns no mask token;
+* ``temperature`` / ``top_p`` act on the denoiser's distribution p(x_0 | x_t) through
+  ``genlab.nn.sampling.filter_logits``; temperature 0 is greedy (the argmax);
+* ``nfe`` counts the denoiser calls, each batched call = 1.
+
+Random numbers are drawn from ``generator`` in a fixed order per step, whatever happens in the
+step (``ancestral`` and ``cached`` draw the same numbers in the same order), and a categorical draw
+is an inverse-CDF lookup of one uniform number per position, so ``cached`` reproduces ``ancestral``
+token for token for a time-independent denoiser.
+
+NFE per sampler: ancestral = ``steps``; cached = the steps whose state differs from the state of
+the last call (and that still have a masked token); first_hitting = the largest number of free
+positions in a row (one jump per unmasking time; ``steps`` is ignored); confidence, dfm, remdm =
+the steps that had something to do (a masked token); semi_ar = the sum over its blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from genlab.math.schedules import Schedule
+from genlab.nn.sampling import filter_logits
+
+__all__ = ["SAMPLERS", "SampleOutput", "sample_tokens", "alpha_inverse"]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SampleOutput:
+    """``tokens`` (B, L) long with no mask left; ``nfe`` denoiser calls; ``trajectory``: the state
+    after each step (a list of (B, L) tensors) when asked for with ``return_trajectory=True``."""
+
+    tokens: Tensor
+    nfe: int
+    trajectory: list[Tensor] | None = None
+
+
+class _Ctx:
+    """What every sampler needs: the counted denoiser, the random stream, the token filter."""
+
+    def __init__(self, denoiser: Denoiser, x: Tensor, mask_id: int, generator, temperature: float,
+                 top_p: float, return_trajectory: bool):
+        self.denoiser, self.mask_id, self.generator = denoiser, mask_id, generator
+        self.temperature, self.top_p = temperature, top_p
+        self.device, (self.B, self.L) = x.device, x.shape
+        self.nfe = 0
+        self.trajectory: list[Tensor] | None = [] if return_trajectory else None
+
+    def logits(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """One counted call: float32 logits (B, L, V); t a float or a (B,) tensor."""
+        tt = t.to(self.device, torch.float32) if torch.is_tensor(t) else torch.full(
+            (self.B,), float(t), device=self.device)
+        self.nfe += 1
+        out = self.denoiser(x, tt).float()
+        if out.dim() != 3 or out.shape[:2] != x.shape:
+            raise ValueError(f"denoiser must return logits (B, L, V) = ({self.B}, {self.L}, V), "
+                             f"got {tuple(out.shape)}")
+        if out.shape[-1] > self.mask_id:
+            raise ValueError(f"denoiser predicts {out.shape[-1]} tokens but mask_id is {self.mask_id}: "
+                             "the logits must cover the real tokens only (mask id = V, SUBS)")
+        return out
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """p(x_0 | x_t) after temperature / top-p: (..., V) -> (..., V); one-hot argmax at T = 0."""
+        V = logits.shape[-1]
+        if self.temperature == 0:
+            return torch.nn.functional.one_hot(logits.argmax(-1), V).to(logits.dtype)
+        flat = filter_logits(logits.reshape(-1, V), self.temperature, 0, self.top_p)
+        return flat.softmax(-1).reshape(logits.shape)
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.device)
+
+    def record(self, x: Tensor) -> None:
+        if self.trajectory is not None:
+            self.trajectory.append(x.clone())
+
+
+def _draw(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw: probs (..., V), u (...) uniform in [0, 1) -> indices (...) long.
+
+    The first index whose cumulative mass exceeds u * total; a zero-probability token is never
+    chosen (its cumulative mass equals its predecessor's)."""
+    cdf = probs.cumsum(-1)  # (..., V)
+    v = (u * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
+    return (cdf <= v).sum(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _grid(steps: int) -> list[float]:
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+
+def _alpha(schedule: Schedule, t: float) -> float:
+    return float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))
+
+
+def alpha_inverse(schedule: Schedule, a: Tensor, iters: int = 60) -> Tensor:
+    """The time t in [0, 1] with alpha(t) = a, for a decreasing schedule (elementwise, by bisection;
+    a schedule's own ``inverse_alpha`` is used when it has one)."""
+    if hasattr(schedule, "inverse_alpha"):
+        return schedule.inverse_alpha(a)
+    a = a.to(torch.float64)
+    lo, hi = torch.zeros_like(a), torch.ones_like(a)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = schedule.alpha(mid) > a  # alpha falls with t: the root lies later
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# ancestral and cached: the exact reverse step of the absorbing process
+
+
+def _ancestral_core(ctx: _Ctx, x: Tensor, active: Tensor, schedule: Schedule, steps: int,
+                    cache: bool) -> Tensor:
+    """From t to s < t a masked active token stays masked with probability
+    (1 - alpha_s) / (1 - alpha_t), else takes a draw from p(x_0 | x_t); the rest is kept."""
+    grid, probs, last_x = _grid(steps), None, None
+    for k in range(steps):
+        a_t, a_s = _alpha(schedule, grid[k]), _alpha(schedule, grid[k + 1])
+        stay = 0.0 if k == steps - 1 else (1.0 - a_s) / (1.0 - a_t)
+        u_keep, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)  # drawn every step, always
+        masked = (x == ctx.mask_id) & active  # (B, L)
+        if cache:
+            if not masked.any():
+                ctx.record(x)
+                continue
+            if probs is None or not torch.equal(x, last_x):
+                probs, last_x = ctx.probs(ctx.logits(x, grid[k])), x.clone()
+        else:
+            probs = ctx.probs(ctx.logits(x, grid[k]))
+        unmask = masked & (u_keep >= stay)
+        x = torch.where(unmask, _draw(probs, u_tok), x)
+        ctx.record(x)
+    return x
+
+
+def _ancestral(ctx, x, free, schedule, steps):
+    """MDLM's ancestral sampler: ``steps`` calls."""
+    return _ancestral_core(ctx, x, free, schedule, steps, cache=False)
+
+
+def _cached(ctx, x, free, schedule, steps):
+    """Ancestral with the denoiser output reused while the state is unchanged (MDLM's cache):
+    exact for a time-independent denoiser, an approximation (output of an earlier t) otherwise."""
+    return _ancestral_core(ctx, x, free, schedule, steps, cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# first hitting: jump straight to each token's unmasking time
+
+
+def _first_hitting(ctx, x, free, schedule, steps):
+    """Each masked token's unmasking time tau has P(tau < s) = (1 - alpha_s) / (1 - alpha_1)
+    (the reverse process, read from t = 1); sampling them all at once and visiting them in
+    decreasing order is the first-hitting sampler (Zheng et al. 2024) with one token per jump.
+    At each jump the denoiser is called at t = tau on the current state. ``steps`` is ignored."""
+    a1 = _alpha(schedule, 1.0)
+    u = ctx.rand(ctx.B, ctx.L).to(torch.float64)
+    tau = alpha_inverse(schedule, 1.0 - (1.0 - a1) * u)  # (B, L)
+    masked = (x == ctx.mask_id) & free
+    tau = torch.where(masked, tau, torch.full_like(tau, -1.0))  # fixed positions never jump
+    tau_sorted, order = torch.sort(tau, dim=1, descending=True)  # (B, L) each
+    counts = masked.sum(1)  # (B,)
+    rows = torch.arange(ctx.B, device=x.device)
+    for j in range(int(counts.max())):
+        pos, t = order[:, j], tau_sorted[:, j].clamp(min=0.0)  # (B,) each
+        live = j < counts  # rows that still have a jump
+        u_tok = ctx.rand(ctx.B)
+        logits = ctx.logits(x, t)[rows, pos]  # (B, V)
+        tok = _draw(ctx.probs(logits), u_tok)
+        x = x.clone()
+        x[rows[live], pos[live]] = tok[live]
+        ctx.record(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# confidence-ordered parallel decoding
+
+
+def _confidence_core(ctx, x, active, schedule, steps, threshold, score):
+    if score not in ("max_prob", "sampled"):
+        raise ValueError(f"confidence score must be 'max_prob' or 'sampled', got {score!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    grid, a1 = _grid(steps), _alpha(schedule, 1.0)
+    n0 = ((x == ctx.mask_id) & active).sum(1).to(torch.float64)  # (B,)
+    for k in range(steps):
+        u_tok = ctx.rand(ctx.B, ctx.L)
+        masked = (x == ctx.mask_id) & active
+        m = masked.sum(1)  # (B,)
+        ratio = 0.0 if k == steps - 1 else (1.0 - _alpha(schedule, grid[k + 1])) / (1.0 - a1)
+        target = torch.floor(n0 * ratio + 1e-6).long()  # masked count the schedule asks for at s
+        kk = (m - target).clamp(min=0)  # (B,) how many to unmask now
+        if not (kk.any() or (threshold is not None and m.any())):
+            ctx.record(x)
+            continue
+        logits = ctx.logits(x, grid[k])
+        probs = ctx.probs(logits)  # (B, L, V)
+        tok = _draw(probs, u_tok)  # (B, L)
+        if ctx.temperature == 0:  # greedy draws are one-hot: rank by the model's own softmax
+            probs = logits.softmax(-1)
+        conf = probs.max(-1).values if score == "max_prob" else probs.gather(-1, tok[..., None])[..., 0]
+        conf = conf.masked_fill(~masked, -1.0)  # (B, L)
+        if threshold is not None:
+            kk = torch.maximum(kk, (conf > threshold).sum(1))
+            kk = torch.maximum(kk, (m > 0).long())  # at least one per step
+        order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+        positions = torch.arange(ctx.L, device=x.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, L) rank of each position
+        x = torch.where(masked & (rank < kk[:, None]), tok, x)
+        ctx.record(x)
+    return x
+
+
+def _confidence(ctx, x, free, schedule, steps, threshold: float | None = None, score: str = "max_prob"):
+    """Per step, unmask the k most confident masked positions (score: the largest probability,
+    or the probability of the drawn token), k such that the masked count follows the schedule
+    (n (1 - alpha_s) / (1 - alpha_1), rounded down; none left after ``steps`` steps). With
+    ``threshold``: also every position whose score exceeds it, at least one per step."""
+    return _confidence_core(ctx, x, free, schedule, steps, threshold, score)
+
+
+# ---------------------------------------------------------------------------------------------
+# semi-autoregressive blocks
+
+
+def _semi_ar(ctx, x, free, schedule, steps, block_size: int = 32, inner: str = "ancestral",
+             threshold: float | None = None):
+    """Blocks of ``block_size`` positions left to right; each is sampled by ``inner`` (ancestral,
+    cached or confidence) with ``steps`` steps while the earlier blocks stay fixed and the later
+    ones stay masked. A block with nothing masked costs no call."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if inner not in ("ancestral", "cached", "confidence"):
+        raise ValueError(f"semi_ar inner sampler must be ancestral, cached or confidence, got {inner!r}")
+    for start in range(0, ctx.L, block_size):
+        active = free.clone()
+        active[:, :start] = False
+        active[:, start + block_size:] = False
+        if not ((x == ctx.mask_id) & active).any():
+            continue
+        if inner == "confidence":
+            x = _confidence_core(ctx, x, active, schedule, steps, threshold, "max_prob")
+        else:
+            x = _ancestral_core(ctx, x, active, schedule, steps, cache=inner == "cached")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# discrete flow matching (Euler) and ReMDM remasking
+
+
+def _dfm(ctx, x, free, schedule, steps, eta: float = 0.0):
+    """Discrete flow matching, Euler steps of the masked CTMC (Gat et al. 2024; Campbell et al.
+    2024 for eta). Rates at t, with kappa = alpha the data weight: masked -> decoded
+    (-alpha'(t) + eta alpha(t)) / (1 - alpha(t)) (the decoded token drawn from p(x_0 | x_t)),
+    decoded -> masked eta (the detailed-balance term; eta = 0 is the plain rate). A jump over a
+    step of length h happens with probability 1 - exp(-h rate); the last step decodes every
+    masked token and remasks none."""
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    grid = _grid(steps)
+    for k in range(steps):
+        t, h = grid[k], grid[k] - grid[k + 1]
+        u_jump, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)
+        masked = (x == ctx.mask_id) & free
+        tt = torch.tensor(t, dtype=torch.float64)
+        a, da = float(schedule.alpha(tt)), float(schedule.d_alpha(tt))
+        last = k == steps - 1
+        p_unmask = 1.0 if last else 1.0 - math.exp(-h * (-da + eta * a) / (1.0 - a))
+        p_remask = 0.0 if last else 1.0 - math.exp(-h * eta)
+        decoded = free & ~masked
+        if masked.any():  # a call only when something can be decoded; remasking needs none
+            tok = _draw(ctx.probs(ctx.logits(x, t)), u_tok)
+            x = torch.where(masked & (u_jump < p_unmask), tok, x)
+        x = torch.where(decoded & (u_jump < p_remask), torch.full_like(x, ctx.mask_id), x)
+        ctx.record(x)
+    return x
+
+
+def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "cap"):
+    """ReMDM (Wang et al. 2025): the reverse step with remasking probability sigma_t,
+    sigma_t <= sigma_max = min(1, (1 - alpha_s) / alpha_t): a decoded free token is remasked with
+    probability sigma_t; a masked token is decoded with probability
+    (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t). strategy "cap": sigma_t = min(sigma,
+    sigma_max); "rescale": sigma_t = sigma * sigma_max. sigma = 0 is ancestral. The last step
+    (alpha_s = 1) has sigma_t = 0 and decodes everything: no mask is left."""
+    if strategy not in ("cap", "rescale"):
+        raise ValueError(f"remdm strategy must be 'cap' or 'rescale', got {strategy!r}")
+    if not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+    grid = _grid(steps)
+    for k in range(steps):
+        a_t, a_s = _alpha(schedule, grid[k]), _alpha(schedule, grid[k + 1])
+        u_jump, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)
+        masked = (x == ctx.mask_id) & free
+        last = k == steps - 1
+        s_max = 0.0 if last else min(1.0, (1.0 - a_s) / a_t)
+        sig = min(sigma, s_max) if strategy == "cap" else sigma * s_max
+        # a masked token stays masked with probability (1 - alpha_s - sigma_t alpha_t) / (1 - alpha_t),
+        # decided by u >= stay as in ancestral (so sigma = 0 is ancestral token for token)
+        stay = 0.0 if last else (1.0 - a_s - sig * a_t) / (1.0 - a_t)
+        decoded = free & ~masked
+        if masked.any():  # a call only when something can be decoded; remasking needs none
+            tok = _draw(ctx.probs(ctx.logits(x, grid[k])), u_tok)
+            x = torch.where(masked & (u_jump >= stay), tok, x)
+        x = torch.where(decoded & (u_jump < sig), torch.full_like(x, ctx.mask_id), x)
+        ctx.record(x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ancestral": _ancestral,
+    "cached": _cached,
+    "first_hitting": _first_hitting,
+    "confidence": _confidence,
+    "semi_ar": _semi_ar,
+    "dfm": _dfm,
+    "remdm": _remdm,
+}
+"""name -> fn(ctx, x, free, schedule, steps, **options) -> tokens; call them through sample_tokens."""
+
+
+def _options_of(fn) -> list[str]:
+    return [p.name for p in list(inspect.signature(fn).parameters.values())[5:]]
+
+
+@torch.no_grad()
+def sample_tokens(denoiser: Denoiser, x_init: Tensor, *, mask_id: int, schedule: Schedule, steps: int,
+                  sampler: str = "ancestral", generator: torch.Generator | None = None,
+                  temperature: float = 1.0, top_p: float = 1.0, return_trajectory: bool = False,
+                  **options) -> SampleOutput:
+    """Fill every ``mask_id`` of ``x_init`` (B, L) with sampler ``sampler`` (a key of SAMPLERS);
+    the other tokens are kept. Options per sampler: confidence (threshold, score), semi_ar
+    (block_size, inner, threshold), dfm (eta), remdm (sigma, strategy)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[sampler]
+    unknown = sorted(set(options) - set(_options_of(fn)))
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no option {', '.join(unknown)}; "
+                         f"its options: {', '.join(_options_of(fn)) or 'none'}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}")
+    if x_init.dim() != 2 or x_init.dtype != torch.long:
+        raise ValueError(f"x_init must be a (B, L) long tensor, got {tuple(x_init.shape)} {x_init.dtype}")
+    ctx = _Ctx(denoiser, x_init, mask_id, generator, temperature, top_p, return_trajectory)
+    free = x_init == mask_id  # (B, L) positions to fill
+    x = x_init.clone()
+    if free.any():
+        x = fn(ctx, x, free, schedule, steps, **options)
+        left = x == mask_id
+        if left.any():  # only for a schedule with alpha(0) < 1: one last denoising call
+            tok = _draw(ctx.probs(ctx.logits(x, 0.0)), ctx.rand(ctx.B, ctx.L))
+            x = torch.where(left, tok, x)
+            ctx.record(x)
+    return SampleOutput(tokens=x, nfe=ctx.nfe, trajectory=ctx.trajectory)

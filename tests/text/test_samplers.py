@@ -1,0 +1,289 @@
+import math
+
+import pytest
+import torch
+from scipy.stats import kstest
+
+from genlab.math.schedules import LogLinearSchedule
+from genlab.text.samplers import SAMPLERS, alpha_inverse, sample_tokens
+
+torch.set_num_threads(1)
+
+V = 6
+MASK = V
+
+
+class CosineMasking:
+    """MDLM's cosine schedule alpha(t) = eps + (1 - eps) cos(pi t / 2): not linear, so the tests
+    see whether the samplers read the schedule (log-linear would make many ratios equal to t)."""
+
+    eps = 1e-3
+
+    def alpha(self, t):
+        return self.eps + (1 - self.eps) * torch.cos(0.5 * math.pi * t)
+
+    def d_alpha(self, t):
+        return -(1 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+
+class Table:
+    """A time- and context-independent denoiser: fixed logits per position (L, V); counts calls
+    and records (masked count per row, t) of each call."""
+
+    def __init__(self, L, seed=0, scale=2.0, table=None):
+        g = torch.Generator().manual_seed(seed)
+        self.table = table if table is not None else scale * torch.randn(L, V, generator=g)
+        self.calls, self.log = 0, []
+
+    def __call__(self, x, t):
+        assert x.dtype == torch.long and t.shape == (x.shape[0],)
+        self.calls += 1
+        self.log.append(((x == MASK).sum(1).clone(), t.clone()))
+        return self.table.expand(x.shape[0], -1, -1).clone()
+
+
+class Contextual:
+    """Depends on the tokens and on t (so cached is only approximate for it): used for the
+    invariants every sampler must keep whatever the model."""
+
+    def __init__(self, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(V + 1, V, generator=g)
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        ctx = self.emb[x].mean(1, keepdim=True)  # (B, 1, V)
+        return self.emb[x] + ctx + t[:, None, None]
+
+
+CASES = [
+    ("ancestral", {}), ("cached", {}), ("first_hitting", {}), ("confidence", {}),
+    ("confidence", {"threshold": 0.5}), ("confidence", {"score": "sampled"}),
+    ("semi_ar", {"block_size": 3}), ("semi_ar", {"block_size": 4, "inner": "cached"}),
+    ("semi_ar", {"block_size": 5, "inner": "confidence"}), ("dfm", {}), ("dfm", {"eta": 2.0}),
+    ("remdm", {}), ("remdm", {"sigma": 0.5, "strategy": "rescale"}),
+]
+
+
+def _run(den, x, sampler, steps=8, seed=0, schedule=None, **kw):
+    return sample_tokens(den, x, mask_id=MASK, schedule=schedule or LogLinearSchedule(),
+                         steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _prompted(B=6, L=12, seed=3):
+    """Rows with a prefix prompt, an infill hole, and a different free set per row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, L), generator=g)
+    free = torch.rand(B, L, generator=g) < 0.6
+    free[:, :2] = False  # a prefix everyone keeps
+    free[0] = True  # one fully free row
+    free[1] = False  # one row with nothing to fill
+    return torch.where(free, torch.full_like(x, MASK), x), free
+
+
+def test_every_sampler_is_registered():
+    assert set(SAMPLERS) == {"ancestral", "cached", "first_hitting", "confidence", "semi_ar", "dfm", "remdm"}
+
+
+@pytest.mark.parametrize("sampler,opts", CASES)
+def test_no_mask_left_fixed_tokens_kept_nfe_counted(sampler, opts):
+    x0, free = _prompted()
+    for den in (Contextual(), Table(x0.shape[1])):
+        out = _run(den, x0, sampler, **opts)
+        assert out.tokens.shape == x0.shape and out.tokens.dtype == torch.long
+        assert not (out.tokens == MASK).any()
+        assert torch.equal(out.tokens[~free], x0[~free])
+        assert ((out.tokens >= 0) & (out.tokens < V)).all()
+        assert out.nfe == den.calls
+
+
+@pytest.mark.parametrize("sampler,opts", CASES)
+def test_temperature_zero_and_tiny_top_p_give_argmax(sampler, opts):
+    x0, free = _prompted()
+    den = Table(x0.shape[1])
+    argmax = den.table.argmax(-1).expand_as(x0)
+    want = torch.where(free, argmax, x0)
+    assert torch.equal(_run(den, x0, sampler, temperature=0.0, **opts).tokens, want)
+    assert torch.equal(_run(den, x0, sampler, temperature=1e-4, **opts).tokens, want)
+    assert torch.equal(_run(den, x0, sampler, top_p=1e-6, **opts).tokens, want)
+
+
+def test_nothing_to_fill_costs_no_call():
+    x = torch.randint(0, V, (3, 5))
+    for name in SAMPLERS:
+        den = Table(5)
+        out = _run(den, x, name)
+        assert torch.equal(out.tokens, x) and out.nfe == 0 == den.calls
+
+
+def test_ancestral_transition_probabilities_and_draws():
+    """Over many positions: among the tokens masked at t_k, the fraction still masked at t_{k+1}
+    is (1 - alpha_s) / (1 - alpha_t), and the unmasked ones follow softmax(table)."""
+    B, L, steps = 4000, 5, 4
+    sched = CosineMasking()
+    den = Table(L, seed=5, scale=1.0)
+    out = _run(den, torch.full((B, L), MASK), "ancestral", steps=steps, schedule=sched,
+               return_trajectory=True)
+    assert out.nfe == steps and len(out.trajectory) == steps
+    states = [torch.full((B, L), MASK)] + out.trajectory
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    a = sched.alpha(grid)
+    for k in range(steps - 1):
+        was = states[k] == MASK
+        n = int(was.sum())
+        frac = float((states[k + 1][was] == MASK).float().mean())
+        p = float((1 - a[k + 1]) / (1 - a[k]))
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (k, frac, p)
+    probs = den.table.softmax(-1)  # (L, V)
+    for pos in range(L):
+        freq = torch.bincount(out.tokens[:, pos], minlength=V).double() / B
+        sd = torch.sqrt(probs[pos] * (1 - probs[pos]) / B).double()
+        assert ((freq - probs[pos].double()).abs() < 5 * sd + 1e-3).all(), pos
+
+
+def test_draws_follow_temperature_and_top_p():
+    B, L = 20000, 1
+    den = Table(L, table=torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]))
+    out = _run(den, torch.full((B, L), MASK), "ancestral", steps=2, temperature=0.7, top_p=0.8)
+    p = (den.table[0] / 0.7).softmax(-1)  # sorted descending already: keep the top until mass >= 0.8
+    keep = torch.cumsum(p, 0) - p < 0.8
+    q = torch.where(keep, p, torch.zeros_like(p))
+    q = q / q.sum()
+    freq = torch.bincount(out.tokens[:, 0], minlength=V).double() / B
+    assert ((freq - q.double()).abs() < 5 * torch.sqrt(q * (1 - q) / B).double() + 1e-3).all()
+    assert freq[~keep].sum() == 0
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_cached_equals_ancestral_with_fewer_calls(temperature, top_p):
+    x0, free = _prompted(B=4, L=10)
+    steps = 200
+    a = _run(Table(10), x0, "ancestral", steps=steps, seed=7, temperature=temperature, top_p=top_p)
+    c = _run(Table(10), x0, "cached", steps=steps, seed=7, temperature=temperature, top_p=top_p)
+    assert torch.equal(a.tokens, c.tokens)
+    assert a.nfe == steps
+    # cached calls once per distinct state: at most one per unmasking event, plus the first
+    assert c.nfe <= int(free.sum()) + 1 and c.nfe < a.nfe / 4
+
+
+def test_remdm_sigma_zero_is_ancestral():
+    x0, _ = _prompted()
+    a = _run(Contextual(), x0, "ancestral", steps=16, seed=2)
+    r = _run(Contextual(), x0, "remdm", steps=16, seed=2, sigma=0.0)
+    assert torch.equal(a.tokens, r.tokens)
+
+
+def test_remdm_remasks_a_fraction_sigma():
+    B, L, steps, sigma = 3000, 4, 4, 0.2
+    out = _run(Table(L), torch.full((B, L), MASK), "remdm", steps=steps, sigma=sigma, return_trajectory=True)
+    s1, s2 = out.trajectory[0], out.trajectory[1]  # states at t = 3/4 and t = 1/2
+    decoded = s1 != MASK
+    frac = float((s2[decoded] == MASK).float().mean())
+    n = int(decoded.sum())
+    # cap: sigma_t = min(0.2, (1 - alpha_s) / alpha_t) = 0.2 here
+    assert abs(frac - sigma) < 5 * math.sqrt(sigma * (1 - sigma) / n)
+
+
+def test_dfm_jump_probabilities():
+    """One Euler step from t = 1/2 to 1/4: P(masked -> decoded) = 1 - exp(-h (-alpha' + eta alpha) /
+    (1 - alpha)), P(decoded -> masked) = 1 - exp(-h eta)."""
+    B, L, steps, eta = 4000, 4, 4, 1.5
+    sched = CosineMasking()
+    out = _run(Table(L), torch.full((B, L), MASK), "dfm", steps=steps, eta=eta, schedule=sched,
+               return_trajectory=True)
+    s1, s2 = out.trajectory[1], out.trajectory[2]  # t = 1/2 -> t = 1/4
+    t, h = torch.tensor(0.5, dtype=torch.float64), 0.25
+    a, da = float(sched.alpha(t)), float(sched.d_alpha(t))
+    p_u = 1 - math.exp(-h * (-da + eta * a) / (1 - a))
+    p_r = 1 - math.exp(-h * eta)
+    for was, p in ((s1 == MASK, p_u), (s1 != MASK, 1 - p_r)):
+        frac = float((s2[was] != MASK).float().mean())
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / int(was.sum())), (frac, p)
+
+
+def test_first_hitting_times_follow_the_schedule():
+    """The times the denoiser is called at are the unmasking times: i.i.d. with
+    P(tau < s) = (1 - alpha(s)) / (1 - alpha(1)); one call per token, the masked count falls by one."""
+    B, L = 100, 20
+    sched = CosineMasking()
+    den = Table(L)
+    out = _run(den, torch.full((B, L), MASK), "first_hitting", schedule=sched)
+    assert out.nfe == L == den.calls
+    ts = torch.stack([t for _, t in den.log]).double()  # (L, B), decreasing along calls
+    assert (ts[1:] <= ts[:-1]).all()
+    assert all(torch.equal(m, torch.full((B,), L - j)) for j, (m, _) in enumerate(den.log))
+    a1 = float(sched.alpha(torch.tensor(1.0)))
+    cdf = lambda s: (1 - sched.alpha(torch.as_tensor(s, dtype=torch.float64)).numpy()) / (1 - a1)
+    assert kstest(ts.flatten().numpy(), cdf).pvalue > 1e-3
+    # the mean against the analytic one, E tau = int_0^1 (1 - F(s)) ds
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    mean = torch.trapezoid(1 - torch.as_tensor(cdf(grid)), grid)
+    assert abs(float(ts.mean()) - float(mean)) < 4 * float(ts.std()) / math.sqrt(ts.numel())
+
+
+def test_first_hitting_nfe_is_the_largest_row_count():
+    x0, free = _prompted()
+    den = Table(x0.shape[1])
+    assert _run(den, x0, "first_hitting").nfe == int(free.sum(1).max()) == den.calls
+
+
+def test_alpha_inverse():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for sched in (CosineMasking(), LogLinearSchedule(1e-3)):
+        assert torch.allclose(alpha_inverse(sched, sched.alpha(t)), t, atol=1e-9)
+
+
+def test_confidence_unmasks_the_most_confident_first():
+    L = 8
+    # the top probability rises with the row's scale: position order by confidence is known
+    scale = torch.tensor([0.3, 2.0, 0.1, 1.5, 3.0, 0.7, 1.0, 2.5])
+    table = scale[:, None] * torch.arange(V, dtype=torch.float32)[None]
+    den = Table(L, table=table)
+    out = _run(den, torch.full((1, L), MASK), "confidence", steps=L, temperature=0.0, return_trajectory=True)
+    order = [int((prev == MASK).logical_and(cur != MASK).nonzero()[0, 1])
+             for prev, cur in zip([torch.full((1, L), MASK)] + out.trajectory[:-1], out.trajectory)]
+    assert order == torch.argsort(scale, descending=True).tolist()
+    assert out.nfe == L
+    # fewer steps: k per step from the schedule (L = 8, 4 steps, log-linear: 2 per step)
+    out = _run(Table(L, table=table), torch.full((1, L), MASK), "confidence", steps=4, return_trajectory=True)
+    assert [int((s == MASK).sum()) for s in out.trajectory] == [6, 4, 2, 0] and out.nfe == 4
+
+
+def test_confidence_threshold_takes_all_above_and_at_least_one():
+    L = 6
+    table = torch.full((L, V), 0.0)
+    table[[0, 3], 2] = 10.0  # two positions nearly certain, the rest uniform
+    out = _run(Table(L, table=table), torch.full((1, L), MASK), "confidence", steps=100,
+               threshold=0.9, return_trajectory=True)
+    first = out.trajectory[0][0]
+    assert (first != MASK).nonzero().flatten().tolist() == [0, 3]
+    # afterwards nothing passes the threshold: at least one per step (the schedule asks for
+    # fewer than one per step at 100 steps), so 1 + 4 calls
+    assert out.nfe == 5
+
+
+def test_semi_ar_goes_block_by_block():
+    B, L, bs, steps = 3, 10, 4, 5
+    den = Table(L)
+    out = _run(den, torch.full((B, L), MASK), "semi_ar", steps=steps, block_size=bs, return_trajectory=True)
+    assert out.nfe == 3 * steps  # blocks [0, 4), [4, 8), [8, 10)
+    for k, s in enumerate(out.trajectory):
+        block = k // steps
+        assert (s[:, bs * (block + 1):] == MASK).all()  # later blocks untouched
+        if block > 0:
+            assert (s[:, : bs * block] != MASK).all()  # earlier blocks complete
+
+
+def test_bad_arguments_name_the_problem():
+    x = torch.full((2, 4), MASK)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        _run(Table(4), x, "nope")
+    with pytest.raises(ValueError, match="no option eta"):
+        _run(Table(4), x, "ancestral", eta=1.0)
+    with pytest.raises(ValueError, match="steps"):
+        _run(Table(4), x, "ancestral", steps=0)
+    with pytest.raises(ValueError, match="block_size"):
+        _run(Table(4), x, "semi_ar", block_size=0)
+    with pytest.raises(ValueError, match="mask_id"):
+        sample_tokens(Table(4), torch.full((2, 4), 3), mask_id=3, schedule=LogLinearSchedule(), steps=2)
