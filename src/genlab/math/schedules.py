@@ -9,7 +9,7 @@ One protocol serves both continuous flow matching and masked discrete diffusion:
   (t = 1, alpha about 0), and the ELBO weight is -alpha'(t) / (1 - alpha(t)).
 
 The two directions are the families' conventions, not the schedule's: ``LinearSchedule`` and
-``CosineSchedule`` rise from 0 to 1 (flow); ``LogLinearSchedule`` falls from 1 to eps (MDLM).
+``CosineSchedule`` rise from 0 to 1 (flow); ``LogLinearSchedule`` and ``MaskingCosineSchedule`` fall from 1 to eps (MDLM).
 Every method is elementwise: t is a tensor of any shape and the result has its shape.
 """
 
@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Schedule", "LinearSchedule", "CosineSchedule", "LogLinearSchedule"]
+__all__ = ["Schedule", "LinearSchedule", "CosineSchedule", "LogLinearSchedule", "MaskingCosineSchedule"]
 
 
 @runtime_checkable
@@ -80,3 +80,26 @@ class LogLinearSchedule:
 
     def __repr__(self) -> str:
         return f"LogLinearSchedule(eps={self.eps})"
+
+
+class MaskingCosineSchedule:
+    """MDLM's cosine schedule, falling: alpha(t) = eps + (1 - eps) cos(pi t / 2),
+    alpha'(t) = -(1 - eps) (pi / 2) sin(pi t / 2).
+
+    The keep probability is 1 at t = 0 and eps at t = 1; the ELBO weight -alpha' / (1 - alpha)
+    behaves like 2 / t near t = 0 (the log-linear schedule's is 1 / t).
+    """
+
+    def __init__(self, eps: float = 1e-3):
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {eps}")
+        self.eps = float(eps)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.eps + (1.0 - self.eps) * torch.cos(0.5 * math.pi * t)
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -(1.0 - self.eps) * 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def __repr__(self) -> str:
+        return f"MaskingCosineSchedule(eps={self.eps})"
