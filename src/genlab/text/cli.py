@@ -12,5 +12,7 @@ COMMANDS = {
                       "draw text from a trained run with any sampler (prefix prompts, JSONL out)"),
     "eval": Command("genlab.text.recipes:evaluate_run", "genlab.text.recipes:EvalArgs",
                     "val NELBO, bits per token and per character of a trained run"),
+    "bench": Command("genlab.text.bench:bench", "genlab.text.bench:BenchArgs",
+                     "speed / quality table of the samplers: NFE, seconds, gen-PPL under an AR judge, entropy"),
 }
 DEMO = Demo("genlab.text.recipes:demo", "genlab.text.recipes:TextConfig")

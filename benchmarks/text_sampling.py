@@ -1,0 +1,218 @@
+"""genlab's MDLM samplers at every T, beside facebookresearch/flow_matching's discrete Euler solver.
+
+    .venv/bin/python benchmarks/text_sampling.py --out /tmp/ts/text_sampling.json   # trains the pair (~6 min)
+    .venv/bin/python benchmarks/text_sampling.py --run RUN --judge AR_RUN          # an existing MDLM + AR pair
+    .venv/bin/python benchmarks/text_sampling.py --quick                           # smoke run, seconds
+
+* The pair: the shakespeare-char MDLM (``text/shakespeare-char``) and its AR baseline
+  (``text/shakespeare-ar``: same backbone, data, tokenizer and budget), trained here with genlab's
+  recipe unless --run / --judge are given. --quick trains both tiny (20 steps, 32 tokens).
+* Every genlab sampler (``genlab.text.samplers.SAMPLERS``, default options) at each T: N samples of
+  the run's sequence length in one batch, from one seed: NFE, wall seconds (the whole batch),
+  gen-PPL under the AR judge and unigram entropy (nats) from ``genlab.text.bench``; the val text
+  of the same length is the reference row.
+* cached vs ancestral at the largest T (1000): the same seed must give the same tokens (the
+  denoiser is time-independent), and the speed ratio is printed.
+* The peer (installed for benchmarks only, CC-BY-NC, never imported by genlab):
+  ``MixtureDiscreteProbPath`` + ``MixtureDiscreteEulerSolver`` driven by the same trained
+  denoiser at NFE = T. The peer runs time s from 0 (noise) to 1 (data), with kappa(s) the data
+  weight; genlab's schedule gives kappa(s) = alpha(1 - s). Its model must return probabilities
+  over the vocabulary *including* the mask token (id V): the wrapper gives the denoiser's softmax
+  (special tokens banned, as genlab's samplers do) with zero mass on the mask at masked
+  positions, and a one-hot on the current token at decoded ones (SUBS carry-over: the solver's
+  x_1 then equals x_t there, so a decoded token never moves). Its rates are genlab's ``dfm`` at
+  eta = 0, so the two should agree in quality; the comparison is of speed and of the samplers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genlab.config import load_config
+from genlab.text.bench import draw, judge_row, make_denoiser, reference_row
+from genlab.text.objective import make_schedule
+from genlab.text.recipes import TextConfig, load_trained, train
+from genlab.text.samplers import SAMPLERS
+
+STEPS = (8, 16, 32, 64, 128, 256, 1000)
+QUICK_STEPS = (4, 16)
+TINY = dict(seq_len=32, hidden=32, depth=1, heads=2, steps=20, batch=4)
+
+
+def train_pair(root: Path, quick: bool) -> tuple[Path, Path]:
+    """Train the MDLM and its AR baseline with genlab's recipe (tiny with --quick)."""
+    runs = []
+    for preset in ("text/shakespeare-char", "text/shakespeare-ar"):
+        cfg = load_config(TextConfig, preset)
+        cfg = replace(cfg, run_dir=str(root / preset.split("/")[1]),
+                      train=replace(cfg.train, progress=False), eval=replace(cfg.eval, num_samples=0))
+        if quick:
+            cfg = replace(cfg, data=replace(cfg.data, seq_len=TINY["seq_len"]),
+                          model=replace(cfg.model, hidden=TINY["hidden"], depth=TINY["depth"], heads=TINY["heads"]),
+                          eval=replace(cfg.eval, val_batches=1, batch_size=4, t_samples=1, num_samples=0),
+                          train=replace(cfg.train, steps=TINY["steps"], batch_size=TINY["batch"], eval_every=0,
+                                        checkpoint_every=0, log_every=10))
+        runs.append(train(cfg, overwrite=True))
+    return runs[0], runs[1]
+
+
+def peer_draw(model, cfg: TextConfig, tok, steps: int, n: int, length: int, seed: int):
+    """(tokens (n, length), NFE, seconds) from flow_matching's MixtureDiscreteEulerSolver."""
+    from flow_matching.path import MixtureDiscreteProbPath
+    from flow_matching.path.scheduler import ConvexScheduler
+    from flow_matching.path.scheduler.scheduler import SchedulerOutput
+    from flow_matching.solver import MixtureDiscreteEulerSolver
+    from flow_matching.utils import ModelWrapper
+
+    schedule = make_schedule(cfg.objective.schedule, cfg.objective.schedule_eps)
+    mask_id, device = cfg.model.vocab_size, next(model.parameters()).device
+    denoiser = make_denoiser(model, tok)
+
+    class GenlabKappa(ConvexScheduler):
+        """kappa(s) = alpha(1 - s): the peer's time s = 1 - genlab's t."""
+
+        def __call__(self, t):
+            a, da = schedule.alpha(1 - t), schedule.d_alpha(1 - t)
+            return SchedulerOutput(alpha_t=a, sigma_t=1 - a, d_alpha_t=-da, d_sigma_t=da)
+
+        def kappa_inverse(self, kappa):
+            raise NotImplementedError
+
+    class Posterior(ModelWrapper):
+        calls = 0
+
+        def forward(self, x, t, **extras):  # x (B, L) in [0, V]; t (B,) peer time
+            Posterior.calls += 1
+            p = denoiser(x, 1 - t).float().softmax(-1)  # (B, L, V) real tokens
+            p = F.pad(p, (0, 1))  # (B, L, V + 1): no mass on the mask token
+            keep = F.one_hot(x, mask_id + 1).to(p.dtype)  # carry-over at decoded positions
+            return torch.where((x != mask_id)[..., None], keep, p)
+
+    wrapper = Posterior(model)
+    solver = MixtureDiscreteEulerSolver(wrapper, MixtureDiscreteProbPath(GenlabKappa()), vocabulary_size=mask_id + 1)
+    x_init = torch.full((n, length), mask_id, dtype=torch.long, device=device)
+    torch.manual_seed(seed)  # the peer draws from the global stream
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = solver.sample(x_init, step_size=None, time_grid=torch.linspace(0.0, 1.0, steps + 1))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out.cpu(), Posterior.calls, time.perf_counter() - start
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'sampler':<22}{'T':>6}{'NFE':>7}{'seconds':>10}{'gen-PPL':>10}{'entropy':>9}")
+    for r in rows:
+        print(f"{r['sampler']:<22}{_fmt(r['steps'], 'd'):>6}{_fmt(r['nfe'], 'd'):>7}{_fmt(r['seconds'], '.3f'):>10}"
+              f"{_fmt(r['gen_ppl'], '.2f'):>10}{_fmt(r['entropy'], '.3f'):>9}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="", help="an MDLM run folder (default: train one)")
+    p.add_argument("--judge", default="", help="its AR baseline run folder (default: train one)")
+    p.add_argument("--runs-dir", default="", help="train the pair into this folder and keep it (default: a temp dir)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help=f"T values (default {STEPS})")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 16, quick 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny pair, T in (4, 16), 4 samples")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    steps = tuple(a.steps or (QUICK_STEPS if a.quick else STEPS))
+    n = a.num_samples or (4 if a.quick else 16)
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="text_sampling_") as tmp:
+        run, judge_run = (Path(a.run), Path(a.judge)) if a.run and a.judge else train_pair(Path(a.runs_dir or tmp), a.quick)
+        model, cfg, tok = load_trained(run)
+        judge, jcfg, jtok = load_trained(judge_run)
+        assert jcfg.objective.kind == "ar" and jtok.get_vocab() == tok.get_vocab(), "judge must be the AR baseline"
+        model.to(a.device)
+        judge.to(a.device)
+        length = cfg.data.seq_len
+        with torch.no_grad():
+            reference = reference_row(cfg, tok, n, length, judge)
+            rows, kept = [], {}
+            for name in SAMPLERS:
+                for T in ((steps[0],) if name == "first_hitting" else steps):
+                    tokens, nfe, sec = draw(model, cfg, tok, name, T, n, length, a.seed)
+                    rows.append({"sampler": name, "steps": None if name == "first_hitting" else T, "nfe": nfe,
+                                 "seconds": sec, **judge_row(tokens, judge)})
+                    if name in ("ancestral", "cached") and T == steps[-1]:
+                        kept[name] = tokens
+            for T in steps:
+                tokens, nfe, sec = peer_draw(model, cfg, tok, T, n, length, a.seed)
+                rows.append({"sampler": "peer flow_matching", "steps": T, "nfe": nfe, "seconds": sec,
+                             **judge_row(tokens, judge)})
+    print(f"shakespeare-char MDLM ({run}) judged by its AR baseline ({judge_run}); {n} samples x {length} tokens, "
+          f"{a.threads} threads, device {a.device}, torch {torch.__version__}; entropy in nats")
+    print_table(rows + [reference])
+
+    def row(name, T):
+        return next(r for r in rows if r["sampler"] == name and r["steps"] == T)
+
+    top = steps[-1]
+    anc, cac = row("ancestral", top), row("cached", top)
+    cached = {"steps": top, "identical_tokens": bool(torch.equal(kept["ancestral"], kept["cached"])),
+              "speedup": anc["seconds"] / cac["seconds"], "nfe_ancestral": anc["nfe"], "nfe_cached": cac["nfe"]}
+    print(f"\ncached vs ancestral at T={top}: identical tokens {cached['identical_tokens']}, "
+          f"NFE {cac['nfe']} vs {anc['nfe']}, ancestral/cached seconds {cached['speedup']:.2f}x")
+    # some sampler at >= 10x fewer calls within 10% of ancestral-at-top gen-PPL and 5% of its entropy
+    cheap = [r for r in rows if r["sampler"] != "peer flow_matching" and r["nfe"] * 10 <= anc["nfe"]
+             and r["gen_ppl"] <= 1.1 * anc["gen_ppl"] and abs(r["entropy"] / anc["entropy"] - 1) <= 0.05]
+    best_cheap = min(cheap, key=lambda r: r["nfe"]) if cheap else None
+    print(f"fewest calls within 10% gen-PPL / 5% entropy of ancestral T={top} ({anc['gen_ppl']:.2f}, "
+          f"{anc['entropy']:.3f}): " + (f"{best_cheap['sampler']} T={best_cheap['steps']} NFE {best_cheap['nfe']} "
+                                        f"({anc['nfe'] / best_cheap['nfe']:.0f}x fewer)" if best_cheap else "none"))
+    print("\npeer / genlab at equal T (>1 = genlab lower, i.e. better gen-PPL / faster):")
+    print(f"{'T':>6}{'PPL peer/dfm':>14}{'s peer/dfm':>12}{'best genlab (NFE<=T)':>24}{'PPL peer/best':>15}"
+          f"{'s peer/best':>13}")
+    ratios = []
+    for T in steps:
+        peer, dfm = row("peer flow_matching", T), row("dfm", T)
+        pool = [r for r in rows if r["sampler"] != "peer flow_matching" and r["nfe"] <= peer["nfe"]]
+        best = min(pool, key=lambda r: r["gen_ppl"])
+        ratios.append({"steps": T, "ppl_peer_over_dfm": peer["gen_ppl"] / dfm["gen_ppl"],
+                       "seconds_peer_over_dfm": peer["seconds"] / dfm["seconds"], "best": best["sampler"],
+                       "best_steps": best["steps"], "ppl_peer_over_best": peer["gen_ppl"] / best["gen_ppl"],
+                       "seconds_peer_over_best": peer["seconds"] / best["seconds"]})
+        r = ratios[-1]
+        print(f"{T:>6}{r['ppl_peer_over_dfm']:>14.3f}{r['seconds_peer_over_dfm']:>12.2f}"
+              f"{best['sampler'] + ' T=' + _fmt(best['steps'], 'd'):>24}{r['ppl_peer_over_best']:>15.3f}"
+              f"{r['seconds_peer_over_best']:>13.2f}")
+    import flow_matching
+
+    results = {"settings": {"steps": list(steps), "num_samples": n, "length": length, "seed": a.seed,
+                            "threads": a.threads, "device": a.device, "quick": a.quick, "torch": torch.__version__,
+                            "flow_matching": getattr(flow_matching, "__version__", "1.0.10")},
+               "rows": rows, "reference": reference, "cached_vs_ancestral": cached,
+               "cheap_match": best_cheap, "peer_ratios": ratios}
+    assert all(math.isfinite(r["gen_ppl"]) and math.isfinite(r["entropy"]) for r in rows)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
