@@ -1,30 +1,19 @@
 """Smoke test of benchmarks/flow_toy.py in --quick mode (skipped when torchcfm is not installed)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from tests.benchmarks._load import load_benchmark
+
 pytest.importorskip("torchcfm")
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "flow_toy.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("flow_toy_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_prints_four_finite_rows(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("flow_toy")
     threads = torch.get_num_threads()
     out = tmp_path / "flow_toy.json"
     try:
@@ -58,7 +47,7 @@ class _Still(torch.nn.Module):
 
 def test_evaluation_w2_matches_scipy_assignment():
     """With v = 0 every W2 column is W2(source noise, target), checked against scipy's assignment solver."""
-    bench = _load_benchmark()
+    bench = load_benchmark("flow_toy")
     s = bench.Settings(n_eval=300, nfes=(1, 2, 8))
     got = bench.evaluate(_Still(), s)
     g = torch.Generator().manual_seed(bench.EVAL_SEED)

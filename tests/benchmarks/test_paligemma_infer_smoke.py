@@ -1,24 +1,15 @@
 """Smoke test of benchmarks/paligemma_infer.py: the tiny config runs end to end on CPU, genlab and
 transformers agree on the logits and the greedy tokens, and every reported number is usable."""
 
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paligemma_infer.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("paligemma_infer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks._load import load_benchmark
 
 
 def test_tiny_config_agrees_and_reports_finite_numbers(tmp_path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("paligemma_infer")
     out = tmp_path / "result.json"
     res = bench.main(["--config", "tiny", "--new-tokens", "2", "--batch-sizes", "1", "--repeats", "1",
                       "--threads", "1", "--out", str(out)])

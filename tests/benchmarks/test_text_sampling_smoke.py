@@ -1,29 +1,18 @@
 """Smoke test of benchmarks/text_sampling.py in --quick mode (skipped when flow_matching is not installed)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmarks._load import load_benchmark
+
 pytest.importorskip("flow_matching")
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "text_sampling.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("text_sampling_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_rows_are_finite_and_cached_equals_ancestral(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("text_sampling")
     threads = torch.get_num_threads()
     out = tmp_path / "text_sampling.json"
     try:
@@ -48,7 +37,7 @@ def test_quick_run_rows_are_finite_and_cached_equals_ancestral(tmp_path, capsys)
 def test_peer_wrapper_puts_no_mass_on_the_mask():
     """A denoiser sure of token 5 everywhere: the peer's solver, through the wrapper, returns 5 at every
     position (never the mask id V, which the wrapper gives zero mass) after one call per step."""
-    bench = _load_benchmark()
+    bench = load_benchmark("text_sampling")
 
     class Prefers0(torch.nn.Module):
         def __init__(self, V):
