@@ -208,14 +208,6 @@ def figures(nats_per_token: float, cfg: TextConfig, chars_per_token: float) -> d
     return out
 
 
-def samplers_available() -> bool:
-    try:
-        import genlab.text.samplers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @torch.no_grad()
 def ar_generate(model, x_init: torch.Tensor, prefix_len: int, bos_id: int, temperature: float = 1.0,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -287,11 +279,9 @@ def train(cfg: TextConfig, resume: bool = False, overwrite: bool = False) -> Pat
             report: dict[str, Any] = {"step": step, **flat, "objective": cfg.objective.kind,
                                       "tokenizer": cfg.tokenizer.kind, "corpus": built.corpus,
                                       "val_chunks": len(chunks)}
-            if cfg.eval.num_samples and (cfg.model.causal or samplers_available()):
+            if cfg.eval.num_samples:
                 report["samples"] = generate(m, cfg, built.tokenizer, cfg.eval.num_samples, cfg.data.seq_len,
                                              cfg.eval.sampler, cfg.eval.steps, seed=cfg.train.seed)
-            elif cfg.eval.num_samples:
-                report["samples_note"] = "genlab.text.samplers is not available: no samples drawn"
             write_report(run.dir, report)
         return flat
 
@@ -309,14 +299,13 @@ def demo(cfg: TextConfig, out: Path) -> dict:
     report = json.loads((run / "eval.json").read_text())
     out_figs = {"run_dir": str(run), "bits_per_char": report["bits_per_char"], "nelbo": report["nelbo"],
                 "samples": [s["text"] for s in report.get("samples", [])]}
-    if samplers_available():  # two samplers at small T (a few seconds); the demo trains no AR judge
-        from genlab.text.bench import sampler_table
+    from genlab.text.bench import sampler_table  # two samplers at small T (a few seconds)
 
-        model, rcfg, tok = load_trained(run)
-        rows = sampler_table(model, rcfg, tok, ("ancestral", "cached"), (16, 64), n=4, length=rcfg.data.seq_len,
-                             seed=rcfg.train.seed)
-        out_figs["sampler_table"] = {"rows": rows, "note": "entropy in nats of each sample's token histogram; no "
-                                     "gen-PPL: the demo trains no AR judge (genlab text bench --judge AR_RUN)"}
+    model, rcfg, tok = load_trained(run)
+    rows = sampler_table(model, rcfg, tok, ("ancestral", "cached"), (16, 64), n=4, length=rcfg.data.seq_len,
+                         seed=rcfg.train.seed)
+    out_figs["sampler_table"] = {"rows": rows, "note": "entropy in nats of each sample's token histogram; no "
+                                 "gen-PPL: the demo trains no AR judge (genlab text bench --judge AR_RUN)"}
     return out_figs
 
 
