@@ -178,6 +178,26 @@ def positive(*names: str, cfg: Any) -> list[Check]:
     return [(n, getattr(cfg, n) >= 1, "must be >= 1") for n in names]
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range ends near here; larger seeds overflow with no flag named
+
+
+def seed_check(name: str = "seed", cfg: Any = None) -> Check:
+    v = getattr(cfg, name)
+    return name, 0 <= v <= MAX_SEED, f"must be in [0, {MAX_SEED}]"
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (made into) a folder to write in, or None: it is a file, or the nearest
+    existing folder above it is a file."""
+    p = Path(path)
+    if p.exists():
+        return None if p.is_dir() else "is a file; give a folder"
+    for up in p.parents:
+        if up.exists():
+            return None if up.is_dir() else f"{up} is a file, not a folder"
+    return None
+
+
 def non_negative(*names: str, cfg: Any) -> list[Check]:
     return [(n, getattr(cfg, n) >= 0, "must be >= 0") for n in names]
 

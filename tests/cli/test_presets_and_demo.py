@@ -60,6 +60,10 @@ def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     assert {"w2", "nll_bits_per_dim", "straightness", "weights", "seconds"} <= set(summary["flow"])
     assert {"accuracy", "majority_baseline", "parity", "seconds"} <= set(summary["vlm"])
     assert summary["vlm"]["parity"]["max_abs_logit_diff"] < 1e-4 and summary["vlm"]["parity"]["greedy_match"] == 1.0
+    assert {"bits_per_char", "nelbo", "samples", "sampler_table", "seconds"} <= set(summary["text"])
+    rows = summary["text"]["sampler_table"]["rows"]
+    assert {(r["sampler"], r["steps"]) for r in rows} == {("ancestral", 16), ("ancestral", 64), ("cached", 16),
+                                                          ("cached", 64)}
     assert main(["demo", *args, "--families", "flow"]) == 0  # the demo overwrites its own folders
     assert set(json.loads((tmp_path / "demo" / "summary.json").read_text())) == {"flow"}
 

@@ -301,6 +301,10 @@ def write_scene_images(out_dir: str | os.PathLike, n: int = 4, image_size: int =
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder: give a folder to write the scene images into")
+    from genlab.config import folder_problem
+
+    if folder_problem(out):
+        raise ConfigError(f"{out}: {folder_problem(out)}")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width = max(3, len(str(n - 1)))

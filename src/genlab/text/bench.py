@@ -27,13 +27,14 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from genlab.config import Check, load_config, validate
+from genlab.config import Check, folder_problem, load_config, seed_check, validate
 from genlab.data import text as textdata
 from genlab.data.tokenizers import SPECIAL_TOKENS, load_tokenizer_file
 from genlab.errors import ConfigError, GenlabError
 from genlab.io import atomic_write_json
 from genlab.text.objective import ar_inputs, make_schedule
-from genlab.text.recipes import TextConfig, build_data, load_trained, run_folder
+from genlab.text.recipes import MAX_SAMPLER_STEPS, MAX_SAMPLES, TextConfig, build_data, load_trained, run_folder
+from genlab.train.distributed import device_problem
 from genlab.train.run import read_run_config
 
 DEFAULT_SAMPLERS = ("ancestral", "cached", "first_hitting", "confidence", "dfm")
@@ -149,13 +150,16 @@ class BenchArgs:
         bad = [s for s in self.samplers if s not in names]
         yield "samplers", not bad, f"unknown sampler {', '.join(bad)}; choose from {', '.join(names)}"
         yield "steps", len(self.steps) > 0 and all(T >= 1 for T in self.steps), "each must be >= 1 (at least one)"
+        yield "steps", all(T <= MAX_SAMPLER_STEPS for T in self.steps), f"each must be <= {MAX_SAMPLER_STEPS}"
         yield "num_samples", self.num_samples >= 1, "must be >= 1"
+        yield "num_samples", self.num_samples <= MAX_SAMPLES, f"must be <= {MAX_SAMPLES}"
+        yield seed_check(cfg=self)
         yield "length", self.length >= 0, "must be >= 0 (0 = the run's --data.seq-len)"
-        yield "device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), \
-            "choose auto, cpu or cuda[:N]"
+        yield "device", self.device != "mps" and device_problem(self.device) is None, \
+            (device_problem(self.device) or "").replace(" or mps", "") or "choose auto, cpu, cuda or cuda:N"
         yield "checkpoint", Path(self.checkpoint).is_dir(), "no such run folder"
         yield "judge", not self.judge or Path(self.judge).is_dir(), "no such run folder"
-        yield "out", not self.out or not Path(self.out).is_file(), "is a file; give a folder"
+        yield "out", not self.out or folder_problem(self.out) is None, folder_problem(self.out) if self.out else ""
 
 
 def _read_cfg(path: str, flag: str) -> TextConfig:

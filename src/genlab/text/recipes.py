@@ -20,7 +20,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 import torch
 
-from genlab.config import Check, load_config, positive, validate
+from genlab.config import Check, load_config, positive, seed_check, validate
 from genlab.data import text as textdata
 from genlab.data.tokenizers import SPECIAL_TOKENS, load_tokenizer_file, save_tokenizer, train_bpe_tokenizer, train_char_tokenizer
 from genlab.errors import ConfigError
@@ -29,6 +29,13 @@ from genlab.text.objective import SCHEDULES, ar_loss, ar_nll, ar_inputs, bits, m
 from genlab.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights
 from genlab.train.engine import TrainConfig, Trainer
 from genlab.train.run import read_run_config, start_run, write_report
+
+
+# Upper bounds that catch a typo (an extra digit) before it becomes an allocation failure or a loop of hours.
+MAX_SAMPLER_STEPS = 100_000
+MAX_SAMPLES = 10_000  # samples drawn in one batch
+MAX_T_SAMPLES = 1_000
+MAX_BPE_VOCAB = 1_000_000
 
 
 @dataclass
@@ -52,6 +59,7 @@ class TextTokenizer:
 
     def checks(self) -> Iterable[Check]:
         yield "vocab_size", self.kind != "bpe" or self.vocab_size >= 261, "must be >= 261 (5 specials + 256 bytes)"
+        yield "vocab_size", self.vocab_size <= MAX_BPE_VOCAB, f"must be <= {MAX_BPE_VOCAB}"
 
 
 @dataclass
@@ -80,6 +88,16 @@ class TextEval:
     def checks(self) -> Iterable[Check]:
         yield from positive("val_batches", "batch_size", "t_samples", "steps", cfg=self)
         yield "num_samples", self.num_samples >= 0, "must be >= 0"
+        yield from _caps(self)
+        names = _sampler_names()
+        yield "sampler", not names or self.sampler in names, f"unknown sampler; choose one of {', '.join(names)}"
+
+
+def _caps(cfg) -> Iterable[Check]:
+    """The upper bounds of the fields of ``cfg`` that have one (steps, num_samples, t_samples)."""
+    for name, cap in (("steps", MAX_SAMPLER_STEPS), ("num_samples", MAX_SAMPLES), ("t_samples", MAX_T_SAMPLES)):
+        if hasattr(cfg, name):
+            yield name, getattr(cfg, name) <= cap, f"must be <= {cap}"
 
 
 @dataclass
@@ -229,6 +247,11 @@ def generate(model: TextTransformer, cfg: TextConfig, tok, n: int, length: int, 
     steps, nfe, seconds (the batch's wall time shared out over its samples)."""
     device = next(model.parameters()).device
     ids = encode(tok, prefix, cfg.tokenizer.kind).tolist() if prefix else []
+    if cfg.tokenizer.kind == "char":
+        unknown = sorted(set(prefix) - set(tok.get_vocab()))
+        if unknown:
+            raise ConfigError(f"--prefix: {''.join(unknown)!r} not in the run's character vocabulary (the model "
+                              f"never saw them)")
     if len(ids) >= length:
         raise ConfigError(f"--prefix: {len(ids)} tokens leave nothing to sample in --length {length}")
     mask_id = cfg.model.vocab_size
@@ -360,7 +383,9 @@ class SampleArgs:
         yield "sampler", self.sampler in names, f"unknown sampler; choose one of {', '.join(names)}"
         yield from positive("steps", "num_samples", cfg=self)
         yield "length", self.length >= 0, "must be >= 0 (0 = the run's --data.seq-len)"
-        yield "temperature", self.temperature > 0, "must be > 0"
+        yield "temperature", math.isfinite(self.temperature) and self.temperature > 0, "must be a number > 0"
+        yield from _caps(self)
+        yield seed_check(cfg=self)
         yield "top_p", 0 < self.top_p <= 1, "must be in (0, 1]"
         yield "checkpoint", Path(self.checkpoint).is_dir(), "no such run folder"
         out = Path(self.out) if self.out else None
@@ -396,6 +421,7 @@ class EvalArgs:
     def checks(self) -> Iterable[Check]:
         yield "checkpoint", Path(self.checkpoint).is_dir(), "no such run folder"
         yield "t_samples", self.t_samples >= 0, "must be >= 0"
+        yield from _caps(self)
 
 
 def evaluate_run(args: EvalArgs) -> dict:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from genlab.config import Check, non_negative, positive
+from genlab.config import Check, non_negative, positive, seed_check
 from genlab.errors import CheckpointMismatchError
 from genlab.train import checkpoint as ckpt
 from genlab.train.data import BatchSource
@@ -76,6 +76,7 @@ class TrainConfig:
         yield from positive("steps", "batch_size", "log_every", "keep_checkpoints", cfg=self)
         yield from non_negative("micro_batch_size", "warmup_steps", "checkpoint_every", "eval_every", "threads",
                                 "seed", cfg=self)
+        yield seed_check(cfg=self)
         yield "micro_batch_size", self.micro_batch_size <= self.batch_size, "must be <= --train.batch-size"
         yield "lr", math.isfinite(self.lr) and self.lr > 0, "must be a number > 0"
         yield "weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be >= 0"

@@ -54,7 +54,10 @@ def read_run_config(run_dir: str | Path, family: str) -> Path:
     path = run / "config.yaml"
     if not path.is_file():
         raise RunFolderError(f"{run} is not a genlab run folder: it has no config.yaml")
-    first = path.read_text(errors="replace").split("\n", 1)[0]
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise RunFolderError(f"{path} is empty: this run folder's config was lost or never written")
+    first = text.split("\n", 1)[0]
     if first.startswith(f"# {RUN_HEADER}"):
         other = first[len(f"# {RUN_HEADER}"):].strip()
         if other != family:

@@ -158,14 +158,25 @@ class ScenesArgs:
     min_objects: int = 1
     max_objects: int = 2
 
+    def checks(self):
+        from genlab.config import folder_problem, positive, seed_check
+        from genlab.data.shapes import max_objects_that_fit
+
+        yield from positive("n", "image_size", "min_objects", cfg=self)
+        yield "n", self.n <= 100_000, "must be <= 100000 (images in one folder)"
+        yield "image_size", self.image_size <= 4096, "must be <= 4096 (pixels a side)"
+        yield "max_objects", self.max_objects >= self.min_objects, "must be >= --min-objects"
+        fit = max_objects_that_fit()
+        yield "max_objects", self.max_objects <= fit, f"must be <= {fit}: more objects do not fit in one scene"
+        yield seed_check(cfg=self)
+        yield "out", folder_problem(self.out) is None, folder_problem(self.out) or ""
+
 
 def scenes_cmd(args: ScenesArgs) -> None:
-    from genlab.config import ConfigError
+    from genlab.config import validate
     from genlab.data.shapes import write_scene_images
 
-    for name in ("n", "image_size", "min_objects"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    validate(args)
     paths = write_scene_images(args.out, args.n, args.image_size, args.seed, args.min_objects, args.max_objects)
     for p in paths:
         print(p)
