@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genlab.config import ConfigError, save_yaml, validate
+from genlab.config import ConfigError, folder_problem, save_yaml, validate
 from genlab.errors import RunFolderError
 from genlab.io import atomic_write_json
 from genlab.train.checkpoint import check_resumable, checkpoint_step, find_checkpoint
@@ -107,12 +107,13 @@ def holds_run(folder: Path) -> bool:
 
 
 def check_run_dir(run_dir: Path, flag: str = "--run-dir") -> None:
-    """A folder that can be made and written: no part of it may be a file, and the deepest part
-    that exists must be writable."""
+    """A folder that can be made and written: no part of it may be a file (``config.folder_problem``),
+    and the deepest part that exists must be writable."""
+    problem = folder_problem(run_dir)
+    if problem:
+        raise ConfigError(f"{flag}={run_dir}: {problem}")
     for p in (run_dir, *run_dir.parents):
         if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{flag}={run_dir}: {p} is a file, not a folder")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise ConfigError(f"{flag}={run_dir}: {p} is not writable by this user")
             return
