@@ -14,3 +14,14 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_quick(bench, out: Path) -> dict:
+    """``bench.main(["--quick", "--out", out])``, leaving torch's thread count as it found it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return bench.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)

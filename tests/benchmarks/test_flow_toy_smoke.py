@@ -7,19 +7,15 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from tests.benchmarks._load import load_benchmark
+from tests.benchmarks._load import load_benchmark, run_quick
 
 pytest.importorskip("torchcfm")
 
 
 def test_quick_run_prints_four_finite_rows(tmp_path, capsys):
     bench = load_benchmark("flow_toy")
-    threads = torch.get_num_threads()
     out = tmp_path / "flow_toy.json"
-    try:
-        results = bench.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    results = run_quick(bench, out)
     printed = capsys.readouterr().out
     names = ["genlab I-CFM", "torchcfm I-CFM", "genlab OT-CFM", "torchcfm OT-CFM"]
     rows = [line for line in printed.splitlines() if any(line.startswith(n) for n in names)]

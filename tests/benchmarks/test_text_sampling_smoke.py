@@ -6,19 +6,15 @@ import math
 import pytest
 import torch
 
-from tests.benchmarks._load import load_benchmark
+from tests.benchmarks._load import load_benchmark, run_quick
 
 pytest.importorskip("flow_matching")
 
 
 def test_quick_run_rows_are_finite_and_cached_equals_ancestral(tmp_path, capsys):
     bench = load_benchmark("text_sampling")
-    threads = torch.get_num_threads()
     out = tmp_path / "text_sampling.json"
-    try:
-        results = bench.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    results = run_quick(bench, out)
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["settings"]["steps"] == list(bench.QUICK_STEPS) and saved["settings"]["quick"]

@@ -2,7 +2,6 @@
 resume, sample, eval) as tests on a tiny run folder. Every failing command exits 2 with one line
 naming the flag or file, and leaves every existing file exactly as it was."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,15 +15,11 @@ import pytest
 import torch
 
 from genlab.cli import main
+from tests._cli import fails, snapshot
 
 FAST = ["--train.batch-size", "64", "--train.warmup-steps", "0", "--train.no-progress", "--model.hidden", "32",
         "--eval.n-samples", "100", "--eval.nfes", "2", "--eval.nll-samples", "0", "--eval.density-resolution", "0",
         "--eval.adaptive", ""]
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +38,6 @@ def copy(finished, tmp_path):
         shutil.copytree(finished, dst)
         return dst
     return make
-
-
-def fails(args, capsys, *needles) -> str:
-    """Run the command, expect exit 2 and a one-line error containing every needle."""
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("genlab: error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 @pytest.mark.parametrize("flag,value,needle", [

@@ -1,24 +1,19 @@
 """Bad input to the newest commands (text train / sample / eval / bench, vlm scenes): each exits 2 with
 one line naming the flag or file, before anything is written or changed."""
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
 from genlab.cli import main
+from tests._cli import fails, snapshot
 
 TINY = ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--data.source", "shakespeare",
         "--tokenizer.kind", "char", "--data.seq-len", "32", "--model.hidden", "32", "--model.depth", "1",
         "--model.heads", "2", "--eval.val-batches", "1", "--eval.batch-size", "4", "--eval.t-samples", "1",
         "--eval.num-samples", "1", "--eval.steps", "4"]
 HUGE = "99999999999999999999"
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +25,8 @@ def run(tmp_path_factory) -> Path:
 
 def fails_cleanly(argv, capsys, expect: str, watch: Path) -> None:
     before = snapshot(watch)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("genlab: error:") and "\n" not in err and "Traceback" not in err, err
-    assert expect in err, err
+    err = fails(argv, capsys, expect)
+    assert "\n" not in err, err
     assert snapshot(watch) == before
 
 

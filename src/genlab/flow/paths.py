@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from genlab.math.schedules import CosineSchedule, LinearSchedule, Schedule
+from genlab.math.schedules import CosineSchedule, LinearSchedule, LogLinearSchedule, Schedule
 
 
 @dataclass
@@ -100,12 +100,14 @@ class CondOTPath(AffinePath):
         if not 0.0 <= sigma_min < 1.0:
             raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
         self.sigma_min = float(sigma_min)
+        # sigma(t) = 1 - (1 - sigma_min) t is the falling linear schedule (MDLM's log-linear alpha)
+        self._noise = LogLinearSchedule(self.sigma_min)
 
     def sigma(self, t: Tensor) -> Tensor:
-        return 1.0 - (1.0 - self.sigma_min) * t
+        return self._noise.alpha(t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
-        return torch.full_like(t, -(1.0 - self.sigma_min))
+        return self._noise.d_alpha(t)
 
 
 class CosinePath(AffinePath):
