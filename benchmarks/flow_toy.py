@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/flow_toy.py                 # defaults: 3000 steps, batch 256, 4 repeats
     .venv/bin/python benchmarks/flow_toy.py --quick         # smoke run, seconds
+    .venv/bin/python benchmarks/flow_toy.py --icfm-study --seeds 10   # I-CFM only: W2@100 final + EMA, U test
 
 Four trainings share everything but the library: the same VelocityMLP (same initial weights,
 seeded identically), the same batches (genlab's Toy2DSource feeds both), Adam at a constant
@@ -9,8 +10,11 @@ learning rate (genlab's AdamW with weight_decay=0 is Adam), no gradient clipping
 one CPU thread (torch.set_num_threads(1)).
 
 * genlab trains through its real engine: `Trainer.fit()` with `flow.recipes.make_loss_fn`
-  (coupling "none" = I-CFM, "exact" = OT-CFM). Its wall clock includes what the engine always
-  does: per-step metric syncs, JSONL/TensorBoard logging every 50 steps and the final checkpoint.
+  (coupling "none" = I-CFM, "exact" = OT-CFM). OT-CFM is paired as `flow.recipes.train` pairs it:
+  in the data pipeline (`flow.pairing.OTPairedSource`, the next batch paired in a background
+  thread while the step trains; the same permutations as pairing in the step). Its wall clock
+  includes what the engine always does: per-step metric syncs, JSONL/TensorBoard logging every 50
+  steps and the final checkpoint.
 * torchcfm (installed only for this benchmark) trains with the plain loop of its examples:
   `ConditionalFlowMatcher(sigma=0)` / `ExactOptimalTransportConditionalFlowMatcher(sigma=0)`
   give (t, x_t, u_t) and we regress model(x_t, t) on u_t.
@@ -25,6 +29,7 @@ an order that reverses from one repeat to the next, because the machine is share
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -33,17 +38,21 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from genlab.data.toy2d import Toy2DSource, sample_toy2d
 from genlab.eval.distances import wasserstein2
+from genlab.flow.pairing import OTPairedSource
 from genlab.flow.recipes import FlowConfig, build_model, make_loss_fn
 from genlab.flow.solvers import solve_ode
 from genlab.train.engine import TrainConfig, Trainer, seed_everything
 
 SOURCE, TARGET = "8gaussians", "moons"
 EVAL_SEED = 1234  # fixed evaluation noise, independent of the training seed
+OT_SPEEDUP_TARGET = 1.8  # genlab OT-CFM steps/s over torchcfm's (pairing off the step's critical path)
 
 
 @dataclass(frozen=True)
@@ -73,33 +82,62 @@ METHODS = (
 )
 
 
-def _flow_config(s: Settings, coupling: str, seed: int, run_dir: str) -> FlowConfig:
+def _flow_config(s: Settings, coupling: str, seed: int, run_dir: str, ema_decay: float = 0.0) -> FlowConfig:
     cfg = FlowConfig(run_dir=run_dir)
     cfg.objective.coupling = coupling
     cfg.train = TrainConfig(
         steps=s.steps, batch_size=s.batch, lr=s.lr, weight_decay=0.0, warmup_steps=0, schedule="constant",
-        grad_clip=0.0, ema_decay=0.0, precision="fp32", checkpoint_every=0, eval_every=0, seed=seed,
+        grad_clip=0.0, ema_decay=ema_decay, precision="fp32", checkpoint_every=0, eval_every=0, seed=seed,
         threads=1, device=s.device, progress=False,
     )
     return cfg
 
 
-def train_genlab(s: Settings, coupling: str, seed: int) -> tuple[nn.Module, float]:
-    """Train with genlab's engine; return (model, seconds spent in Trainer.fit)."""
+Trained = tuple[nn.Module, float, "nn.Module | None"]  # (model, seconds of training, EMA model or None)
+
+
+def train_genlab(s: Settings, coupling: str, seed: int, ema_decay: float = 0.0) -> Trained:
+    """Train with genlab's engine; return (model, seconds spent in Trainer.fit, a copy holding the
+    engine's EMA weights or None when ``ema_decay`` is 0)."""
     with tempfile.TemporaryDirectory(prefix="flow_toy_") as run_dir:
-        cfg = _flow_config(s, coupling, seed, run_dir)
+        cfg = _flow_config(s, coupling, seed, run_dir, ema_decay)
         seed_everything(seed)
         model = build_model(cfg)
         data = Toy2DSource(SOURCE, TARGET, seed=seed)
-        trainer = Trainer(model, make_loss_fn(cfg), data, cfg.train, run_dir)
-        start = time.perf_counter()
-        model = trainer.fit()
-        seconds = time.perf_counter() - start
-    return model, seconds
+        paired = coupling != "none"  # as flow.recipes.train: OT pairing in the data pipeline
+        if paired:
+            data = OTPairedSource(data, coupling, chunk=cfg.train.micro_batch_size)
+        try:
+            trainer = Trainer(model, make_loss_fn(cfg, prepaired=paired), data, cfg.train, run_dir)
+            start = time.perf_counter()
+            model = trainer.fit()
+            seconds = time.perf_counter() - start
+        finally:
+            if paired:
+                data.close()
+        ema_model = None
+        if trainer.ema is not None:
+            with trainer.sampling_weights() as averaged:
+                ema_model = copy.deepcopy(averaged)
+    return model, seconds, ema_model
 
 
-def train_torchcfm(s: Settings, coupling: str, seed: int) -> tuple[nn.Module, float]:
-    """Train with torchcfm's matcher in the plain loop of its examples; return (model, seconds)."""
+def _engine_like_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel with genlab's EMA rule: starts at the initial weights, and update k
+    (k = 0, 1, ...) uses the decay min(decay, (1 + k) / (10 + k))."""
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        k = int(n) - 1  # n counts the initial copy too
+        d = min(decay, (1 + k) / (10 + k))
+        return torch.lerp(averaged, current, 1 - d)  # as genlab's EMA.update
+
+    ema = AveragedModel(model, avg_fn=avg)
+    ema.update_parameters(model)  # n = 0: copies the initial weights, as genlab's EMA starts
+    return ema
+
+
+def train_torchcfm(s: Settings, coupling: str, seed: int, ema_decay: float = 0.0) -> Trained:
+    """Train with torchcfm's matcher in the plain loop of its examples; return (model, seconds, EMA
+    model or None); the EMA (``ema_decay`` > 0) follows genlab's rule, see ``_engine_like_ema``."""
     from torchcfm.conditional_flow_matching import (
         ConditionalFlowMatcher,
         ExactOptimalTransportConditionalFlowMatcher,
@@ -113,6 +151,7 @@ def train_torchcfm(s: Settings, coupling: str, seed: int) -> tuple[nn.Module, fl
     model = build_model(cfg).to(device)  # same architecture and initial weights as genlab's run
     data = Toy2DSource(SOURCE, TARGET, seed=seed)  # same batches as genlab's run
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    ema = _engine_like_ema(model, ema_decay) if ema_decay > 0 else None
     model.train()
     start = time.perf_counter()
     for _ in range(s.steps):
@@ -123,9 +162,12 @@ def train_torchcfm(s: Settings, coupling: str, seed: int) -> tuple[nn.Module, fl
         loss = torch.mean((model(xt, t) - ut) ** 2)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return model.eval(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return model.eval(), seconds, ema.module.eval() if ema is not None else None
 
 
 @torch.no_grad()
@@ -146,6 +188,85 @@ def evaluate(model: nn.Module, s: Settings) -> dict[str, float]:
     return out
 
 
+STUDY_NFE = 100  # the I-CFM study's Euler steps
+STUDY_EMA = 0.999  # the flow recipe's EMA decay
+
+
+@torch.no_grad()
+def w2_euler(model: nn.Module, s: Settings, nfe: int) -> float:
+    """W2 after `nfe` Euler steps, from the same evaluation points as `evaluate`."""
+    g = torch.Generator().manual_seed(EVAL_SEED)
+    x0 = sample_toy2d(SOURCE, s.n_eval, generator=g)
+    target = sample_toy2d(TARGET, s.n_eval, generator=g)
+    model.eval()
+    return wasserstein2(solve_ode(model, x0.to(next(model.parameters()).device), method="euler", steps=nfe).x, target)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
+            "min": float(min(values)), "max": float(max(values))}
+
+
+def icfm_study(s: Settings, seeds: int) -> dict:
+    """I-CFM, genlab vs torchcfm, over `seeds` seeds: W2 at STUDY_NFE Euler steps of the final
+    iterate and of the EMA weights (decay STUDY_EMA, genlab's rule for both), each seed training both
+    libraries from the same initial weights and batches (the library order alternates). Mann-Whitney U
+    (two-sided) compares the two sets of seeds; the Wilcoxon signed-rank test uses the pairing by seed."""
+    from scipy.stats import mannwhitneyu, wilcoxon
+
+    torch.set_num_threads(1)
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (see run)
+
+    trainers = {"genlab": train_genlab, "torchcfm": train_torchcfm}
+    w2: dict[str, dict[str, list[float]]] = {lib: {"final": [], "ema": []} for lib in trainers}
+    start = time.perf_counter()
+    for r in range(seeds):
+        seed = s.seed + r
+        for lib in (("genlab", "torchcfm") if r % 2 == 0 else ("torchcfm", "genlab")):
+            model, _, ema_model = trainers[lib](s, "none", seed, ema_decay=STUDY_EMA)
+            w2[lib]["final"].append(w2_euler(model, s, STUDY_NFE))
+            w2[lib]["ema"].append(w2_euler(ema_model, s, STUDY_NFE))
+        print(f"[seed {seed}] W2@{STUDY_NFE} final genlab {w2['genlab']['final'][-1]:.3f} torchcfm "
+              f"{w2['torchcfm']['final'][-1]:.3f}; EMA genlab {w2['genlab']['ema'][-1]:.3f} torchcfm "
+              f"{w2['torchcfm']['ema'][-1]:.3f}", file=sys.stderr, flush=True)
+    tests = {}
+    for weights in ("final", "ema"):
+        a, b = w2["genlab"][weights], w2["torchcfm"][weights]
+        tests[weights] = {"mann_whitney_u": float(mannwhitneyu(a, b, alternative="two-sided").statistic),
+                          "mann_whitney_p": float(mannwhitneyu(a, b, alternative="two-sided").pvalue),
+                          "wilcoxon_p": float(wilcoxon(a, b).pvalue) if len(a) > 1 and a != b else 1.0,
+                          "genlab_lower_in": sum(x < y for x, y in zip(a, b))}
+    import torchcfm
+
+    return {"settings": {**s.__dict__, "nfes": list(s.nfes), "seeds": seeds, "nfe": STUDY_NFE, "ema_decay": STUDY_EMA,
+                         "source": SOURCE, "target": TARGET, "torch": torch.__version__,
+                         "torchcfm": torchcfm.__version__, "wall_s": time.perf_counter() - start},
+            "w2": w2, "summary": {lib: {k: _summary(v) for k, v in by.items()} for lib, by in w2.items()},
+            "tests": tests}
+
+
+def format_study(results: dict) -> str:
+    s = results["settings"]
+    last = s["seed"] + s["seeds"] - 1
+    lines = [f"I-CFM study, {s['source']} -> {s['target']}: {s['seeds']} seeds ({s['seed']}..{last}), "
+             f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']:g} constant; W2 after {s['nfe']} Euler steps "
+             f"on {s['n_eval']} samples; EMA decay {s['ema_decay']} (genlab's warm-up rule for both); "
+             f"torch {s['torch']}, torchcfm {s['torchcfm']}; {s['wall_s']:.0f} s",
+             f"{'weights':8s} {'library':9s} {'median':>8s} {'q1':>8s} {'q3':>8s} {'IQR':>8s} {'min':>8s} {'max':>8s}"]
+    for weights in ("final", "ema"):
+        for lib in ("genlab", "torchcfm"):
+            m = results["summary"][lib][weights]
+            stats = ("median", "q1", "q3", "iqr", "min", "max")
+            lines.append(f"{weights:8s} {lib:9s} " + " ".join(f"{m[k]:8.4f}" for k in stats))
+    for weights, t in results["tests"].items():
+        lines.append(f"{weights:8s} Mann-Whitney U = {t['mann_whitney_u']:.1f}, "
+                     f"p = {t['mann_whitney_p']:.3f} (two-sided); "
+                     f"Wilcoxon signed-rank (paired by seed) p = {t['wilcoxon_p']:.3f}; genlab lower in "
+                     f"{t['genlab_lower_in']}/{s['seeds']} seeds")
+    return "\n".join(lines)
+
+
 def run(s: Settings) -> dict:
     """Train and evaluate every method `s.repeats` times; return per-repeat and median results."""
     torch.set_num_threads(1)
@@ -159,7 +280,7 @@ def run(s: Settings) -> dict:
         seed = s.seed + r
         order = METHODS if r % 2 == 0 else METHODS[::-1]  # genlab first, then torchcfm first, in turn
         for m in order:
-            model, seconds = trainers[m.library](s, m.coupling, seed)
+            model, seconds, _ = trainers[m.library](s, m.coupling, seed)
             record = {"seed": seed, "train_s": seconds, "steps_per_s": s.steps / seconds, **evaluate(model, s)}
             runs[m.name].append(record)
             print(f"[repeat {r + 1}/{s.repeats}] {m.name:16s} {record['steps_per_s']:7.1f} steps/s  "
@@ -177,6 +298,7 @@ def run(s: Settings) -> dict:
     targets = {
         "ot_cfm_w2_at_2_no_worse": medians["genlab OT-CFM"]["euler_2"] <= medians["torchcfm OT-CFM"]["euler_2"],
         "ot_cfm_throughput_at_least": medians["genlab OT-CFM"]["steps_per_s"] >= medians["torchcfm OT-CFM"]["steps_per_s"],
+        "ot_cfm_throughput_speedup": ratios["OT-CFM_steps_per_s"] >= OT_SPEEDUP_TARGET,
     }
     import torchcfm
 
@@ -208,7 +330,8 @@ def format_table(results: dict) -> str:
                      f"steps/s ratio {r[f'{kind}_steps_per_s']:.3f} (>= 1 is better)")
     t = results["targets_met"]
     lines.append(f"targets: OT-CFM W2@2 no worse than torchcfm: {'yes' if t['ot_cfm_w2_at_2_no_worse'] else 'NO'}; "
-                 f"OT-CFM steps/s at least torchcfm's: {'yes' if t['ot_cfm_throughput_at_least'] else 'NO'}")
+                 f"OT-CFM steps/s at least torchcfm's: {'yes' if t['ot_cfm_throughput_at_least'] else 'NO'}, "
+                 f"at least {OT_SPEEDUP_TARGET:g}x: {'yes' if t['ot_cfm_throughput_speedup'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -223,19 +346,27 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, str]:
     p.add_argument("--device", default=Settings.device)
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny steps, batch and evaluation")
+    p.add_argument("--icfm-study", action="store_true",
+                   help=f"instead of the table: I-CFM genlab vs torchcfm over --seeds seeds, W2@{STUDY_NFE} of the "
+                        "final and the EMA weights, Mann-Whitney U test")
+    p.add_argument("--seeds", type=int, default=10, help="seeds of --icfm-study")
     a = p.parse_args(argv)
     s = Settings(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, repeats=a.repeats, n_eval=a.n_eval,
                  device=a.device)
     if a.quick:
         s = replace(s, steps=20, batch=64, repeats=1, n_eval=200)
-    return s, a.out
+    return s, a.out, (a.seeds if a.icfm_study else 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print the table, write JSON if --out is given; return the results."""
-    s, out = parse_args(argv)
-    results = run(s)
-    print(format_table(results))
+    """Run the benchmark (or the I-CFM study), print the table, write JSON if --out is given; return the results."""
+    s, out, study_seeds = parse_args(argv)
+    if study_seeds:
+        results = icfm_study(s, study_seeds)
+        print(format_study(results))
+    else:
+        results = run(s)
+        print(format_table(results))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))

@@ -54,3 +54,37 @@ def test_evaluation_w2_matches_scipy_assignment():
     expected = math.sqrt(cost[rows, cols].mean())
     for key in ("euler_1", "euler_2", "euler_8", "dopri5"):
         assert got[key] == pytest.approx(expected, rel=1e-6)
+
+
+def test_quick_icfm_study_reports_final_and_ema(tmp_path, capsys):
+    bench = load_benchmark("flow_toy")
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(["--icfm-study", "--quick", "--seeds", "2", "--out", str(tmp_path / "study.json")])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "Mann-Whitney" in printed and json.loads((tmp_path / "study.json").read_text())["settings"]["seeds"] == 2
+    for lib in ("genlab", "torchcfm"):
+        for weights in ("final", "ema"):
+            values = results["w2"][lib][weights]
+            assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert all(0 <= t["mann_whitney_p"] <= 1 for t in results["tests"].values())
+
+
+def test_torchcfm_ema_follows_the_engine_rule():
+    """The study's AveragedModel EMA for torchcfm gives genlab's EMA weights on the same trajectory."""
+    from genlab.train.optim import EMA
+
+    bench = load_benchmark("flow_toy")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    ours, theirs = EMA(model, 0.95), bench._engine_like_ema(model, 0.95)
+    for _ in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model)
+        theirs.update_parameters(model)
+    for name, p in theirs.module.named_parameters():
+        torch.testing.assert_close(p, ours.shadow[name], rtol=1e-6, atol=1e-6)
