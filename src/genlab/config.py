@@ -250,7 +250,14 @@ def parse_cli(cls: type[T], args: list[str], prog: str, description: str | None 
     """
     import tyro
 
-    rest: list[str] = []
+    given, rest = take_config_flag(args)
+    default = load_config(cls, given or preset)
+    return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+
+
+def take_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
+    """``--config PRESET`` / ``--config=PRESET`` taken out of ``args``: (the preset or None, the rest)."""
+    preset, rest = None, []
     i = 0
     while i < len(args):
         a = args[i]
@@ -265,5 +272,18 @@ def parse_cli(cls: type[T], args: list[str], prog: str, description: str | None 
         else:
             rest.append(a)
         i += 1
-    default = load_config(cls, preset)
-    return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+    return preset, rest
+
+
+def recipe_named(args: list[str], preset: str | None) -> str | None:
+    """Which recipe a training command runs: ``--recipe NAME`` on the command line, else the preset's
+    top-level ``recipe:`` key, else None (the command's own)."""
+    for i, a in enumerate(args):
+        if a == "--recipe" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--recipe="):
+            return a.split("=", 1)[1]
+    if preset:
+        value = load_yaml(resolve_preset(preset)).get("recipe")
+        return None if value is None else str(value)
+    return None

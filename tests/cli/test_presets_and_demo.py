@@ -4,14 +4,16 @@ found from any folder (they ship inside the package)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from genlab.cli import FAMILIES, family_commands, main
 from genlab.commands import resolve
-from genlab.config import load_config, preset_names, validate
+from genlab.config import load_config, load_yaml, preset_names, recipe_named, resolve_preset, validate
+from tests._images import write_cifar_py, write_image_folder
 
-# Tiny overrides per family (the presets' own values stay everywhere else).
+# Tiny overrides per recipe (the presets' own values stay everywhere else).
 TINY = {
     "flow": ["--train.steps", "2", "--train.batch-size", "16", "--train.no-progress", "--eval.n-samples", "20",
              "--eval.nfes", "1", "--eval.nll-samples", "0", "--eval.density-resolution", "0", "--eval.adaptive", "",
@@ -24,6 +26,34 @@ TINY = {
              "--model.heads", "2", "--eval.val-batches", "1", "--eval.batch-size", "4", "--eval.t-samples", "1",
              "--eval.num-samples", "1", "--eval.steps", "4"],
 }
+TINY_IMAGES = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-progress", "--train.threads", "1",
+               "--model.hidden", "16", "--model.depth", "1", "--model.heads", "2", "--sampling.num-steps", "2",
+               "--sampling.grid-every", "0", "--sampling.grid-per-class", "2", "--eval.samples-per-class", "2",
+               "--eval.cfg-scales", "0", "3", "--eval.nfes", "1", "--eval.fd-samples", "10", "--eval.batch-size", "64",
+               "--eval.classifier.steps", "3"]
+TINY_VQVAE = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-progress", "--model.hidden", "8",
+              "--model.res-blocks", "1"]
+COMMAND_OF = {"flow/vqvae-digits": "vqvae"}  # presets of another command than `train`
+
+
+def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
+    """The tiny overrides of a preset, and the data or runs it needs, written under ``tmp_path``."""
+    family = preset.split("/")[0]
+    if COMMAND_OF.get(preset) == "vqvae":
+        return TINY_VQVAE
+    if load_yaml(resolve_preset(preset)).get("recipe") != "images":
+        return TINY[family]
+    flags = list(TINY_IMAGES)
+    name = load_yaml(resolve_preset(preset))["data"]["name"]
+    if name == "cifar10":
+        flags += ["--data.root", str(write_cifar_py(tmp_path / "cifar-10-batches-py"))]
+    if name == "imagefolder":
+        flags += ["--data.root", str(write_image_folder(tmp_path / "folder")), "--data.image-size", "8"]
+    if load_yaml(resolve_preset(preset)).get("latent", {}).get("vqvae"):
+        vq = tmp_path / "vqvae"
+        assert main(["flow", "vqvae", "--run-dir", str(vq), *TINY_VQVAE]) == 0
+        flags += ["--latent.vqvae", str(vq)]
+    return flags
 
 
 def test_every_family_has_tiny_test_settings():
@@ -33,11 +63,17 @@ def test_every_family_has_tiny_test_settings():
 @pytest.mark.parametrize("preset", preset_names())
 def test_preset_loads_validates_and_runs_two_steps(preset, tmp_path):
     family = preset.split("/")[0]
-    cmd = family_commands(family)["train"]
-    cfg = load_config(resolve(cmd.args), preset)
+    name = COMMAND_OF.get(preset, "train")
+    cmd = family_commands(family)[name]
+    run_ref, args_ref = cmd.pick(recipe_named([], preset))
+    cfg = load_config(resolve(args_ref), preset)
+    if getattr(getattr(cfg, "data", None), "root", None) == "":  # the preset asks for --data.root: give one
+        cfg.data.root = str(tmp_path)
+    if getattr(getattr(cfg, "latent", None), "vqvae", ""):  # ... or for a VQ-VAE run made beforehand
+        cfg.latent.vqvae = str(tmp_path)
     validate(cfg)
     run = tmp_path / "run"
-    assert main([family, "train", "--config", preset, "--run-dir", str(run), *TINY[family]]) == 0
+    assert main([family, name, "--config", preset, "--run-dir", str(run), *tiny_flags(preset, tmp_path)]) == 0
     assert json.loads((run / "eval.json").read_text())["step"] == 2
     assert (run / "checkpoints" / "step_00000002").is_dir() and (run / "loss.png").is_file()
 
@@ -52,12 +88,18 @@ def test_every_table_entry_resolves():
 
 def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     args = ["--out", str(tmp_path / "demo")]
-    for family, flags in TINY.items():
-        args += [f"--{family}.{f[2:]}" if f.startswith("--") else f for f in flags]
+    sections = {"flow.toy2d": TINY["flow"], "flow.digits": TINY_IMAGES, "flow.meanflow": TINY_IMAGES,
+                "vlm": TINY["vlm"], "text": TINY["text"]}
+    for section, flags in sections.items():
+        args += [f"--{section}.{f[2:]}" if f.startswith("--") else f for f in flags]
     assert main(["demo", *args]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary) == set(FAMILIES)
-    assert {"w2", "nll_bits_per_dim", "straightness", "weights", "seconds"} <= set(summary["flow"])
+    assert {"w2", "nll_bits_per_dim", "straightness", "weights"} <= set(summary["flow"]["toy2d"])
+    for name in ("digits", "meanflow"):
+        assert {"accuracy_by_cfg_scale", "nfe_table", "classifier_fd", "class_grid"} <= set(summary["flow"][name])
+        assert Path(summary["flow"][name]["class_grid"]).is_file()
+    assert set(summary["flow"]["digits"]["accuracy_by_cfg_scale"]) == {"0.0", "3.0"}  # JSON keys
     assert {"accuracy", "majority_baseline", "parity", "seconds"} <= set(summary["vlm"])
     assert summary["vlm"]["parity"]["max_abs_logit_diff"] < 1e-4 and summary["vlm"]["parity"]["greedy_match"] == 1.0
     assert {"bits_per_char", "nelbo", "samples", "sampler_table", "seconds"} <= set(summary["text"])

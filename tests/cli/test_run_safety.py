@@ -163,7 +163,7 @@ def test_damaged_checkpoint_files_are_named(copy, capsys, name, how):
 def test_sample_validates_before_writing(copy, tmp_path, capsys):  # S09, S11
     run = copy()
     before = snapshot(run)
-    fails(["flow", "sample", "--run-dir", str(run), "--n", "0"], capsys, "--n=0")
+    fails(["flow", "sample", "--run-dir", str(run), "--n", "0"], capsys, "--num-samples=0")  # --n is its alias
     fails(["flow", "sample", "--run-dir", str(run), "--out", str(tmp_path / "no" / "dir" / "x.pt")], capsys,
           "--out=", "does not exist")
     fails(["flow", "sample", "--run-dir", str(run), "--solver", "nosuch"], capsys, "--solver=nosuch")

@@ -169,3 +169,41 @@ def plot_nfe_curve(nfes, w2s, path: str | Path, title: str = "sample quality vs 
         ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def save_image_grid(images, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,
+                    min_side: int = 32, pad: int = 2) -> Path:
+    """A PNG grid of uint8 images (N, C, H, W), ``nrow`` images per row, written atomically.
+
+    Small images (sklearn's 8x8 digits) are enlarged with nearest-neighbour pixels to at least
+    ``min_side``; ``row_labels`` (one per row, e.g. class names) are written at the left.
+    """
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw
+
+    from genlab.io import atomic_write_bytes
+
+    imgs = torch.as_tensor(images).detach().to("cpu", torch.uint8)  # (N, C, H, W)
+    n, c, h, w = imgs.shape
+    zoom = max(1, -(-min_side // max(h, w)))  # ceil division
+    rows = -(-n // nrow)
+    label_w = 0 if not row_labels else 8 + 7 * max(len(str(s)) for s in row_labels)
+    cell_h, cell_w = h * zoom + pad, w * zoom + pad
+    canvas = Image.new("RGB", (label_w + nrow * cell_w + pad, rows * cell_h + pad), "white")
+    arr = imgs.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    for i in range(n):
+        tile = Image.fromarray(arr[i, :, :, 0] if c == 1 else arr[i]).convert("RGB")
+        tile = tile.resize((w * zoom, h * zoom), Image.NEAREST)
+        r, col = divmod(i, nrow)
+        canvas.paste(tile, (label_w + pad + col * cell_w, pad + r * cell_h))
+    if row_labels:
+        draw = ImageDraw.Draw(canvas)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((4, pad + r * cell_h + cell_h // 2 - 6), str(label), fill="black")
+    buf = BytesIO()
+    canvas.save(buf, format="PNG")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

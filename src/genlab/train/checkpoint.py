@@ -279,6 +279,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, keys: set[str], ema=None
     return train_state, rank_state
 
 
+def run_of_checkpoint(path: str | os.PathLike) -> Path:
+    """The run folder of ``path``: a run folder itself, or one of its checkpoint folders
+    (``<run>/checkpoints/step_N`` or ``<run>/checkpoints/best``)."""
+    p = Path(path)
+    if not p.exists():
+        raise RunFolderError(f"{p} does not exist: give a run folder or one of its checkpoint folders")
+    if (p / "config.yaml").is_file():
+        return p
+    if p.parent.name == "checkpoints" and (p.parent.parent / "config.yaml").is_file():
+        return p.parent.parent
+    raise RunFolderError(f"{p} is neither a run folder (no config.yaml) nor a checkpoint folder of one")
+
+
 def load_weights(run_or_folder: str | os.PathLike, model: torch.nn.Module, ema: bool = True,
                  which: str = "latest", partial: bool = False) -> Path:
     """Load a run's weights into ``model``: the EMA weights when the run has them (and ``ema``),

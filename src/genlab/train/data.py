@@ -73,7 +73,10 @@ class MapDataSource:
             sampler = _EpochSampler(len(self.dataset), self.seed, self.rank, self.world, self.shuffle, epoch, offset)
             loader = DataLoader(self.dataset, batch_size=n, sampler=sampler, num_workers=self.num_workers,
                                 collate_fn=self.collate_fn, pin_memory=self.pin_memory,
-                                persistent_workers=self.num_workers > 0)
+                                persistent_workers=self.num_workers > 0,
+                                # its own generator: starting a loader draws a seed, which must not
+                                # move the global stream the loss draws from (exact resume)
+                                generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             self._it, self._n = iter(loader), n
         self.consumed += n
         return next(self._it)

@@ -302,8 +302,10 @@ class Trainer:
         no_grad (likelihoods need gradients)."""
         out: dict[str, Any] = {}
         if self.eval_fn is not None and self.dist.is_main:
+            rng = ckpt.rng_state()  # evaluating (sampling, a judge's init) never moves training's random streams
             with self.sampling_weights() as m:
                 out = self.eval_fn(self.step, m, final) or {}
+            ckpt.set_rng_state(rng)
         barrier()
         return out
 
