@@ -1,6 +1,6 @@
 """genlab's MDLM samplers at every T, beside facebookresearch/flow_matching's discrete Euler solver.
 
-    .venv/bin/python benchmarks/text_sampling.py --out /tmp/ts/text_sampling.json   # trains the pair (~6 min)
+    .venv/bin/python benchmarks/text_sampling.py --out /tmp/ts/text_sampling.json   # trains the pair (~12 min)
     .venv/bin/python benchmarks/text_sampling.py --run RUN --judge AR_RUN          # an existing MDLM + AR pair
     .venv/bin/python benchmarks/text_sampling.py --quick                           # smoke run, seconds
 
@@ -8,11 +8,16 @@
   (``text/shakespeare-ar``: same backbone, data, tokenizer and budget), trained here with genlab's
   recipe unless --run / --judge are given. --quick trains both tiny (20 steps, 32 tokens).
 * Every genlab sampler (``genlab.text.samplers.SAMPLERS``, default options) at each T: N samples of
-  the run's sequence length in one batch, from one seed: NFE, wall seconds (the whole batch),
-  gen-PPL under the AR judge and unigram entropy (nats) from ``genlab.text.bench``; the val text
-  of the same length is the reference row.
-* cached vs ancestral at the largest T (1000): the same seed must give the same tokens (the
-  denoiser is time-independent), and the speed ratio is printed.
+  the run's sequence length in one batch, from one seed: NFE (batched calls), NFE per sample (rows
+  through the denoiser / N), wall seconds (the whole batch), gen-PPL under the AR judge with its
+  1-sigma spread over the samples, and unigram entropy (nats) from ``genlab.text.bench``; the val
+  text of the same length is the reference row. A row that would make more calls than the largest
+  T (semi_ar: one T per block) is skipped. ReMDM's loop strategy gets rows at the T of
+  ``--loop-steps`` (default 256).
+* cached vs ancestral at the largest T (1000): the same seed must give the same tokens, and the
+  speed ratio is printed.
+* Training: val bits/char and training tokens/s (the median of the logged steps/s x batch x
+  sequence length) of both runs, read from their run folders.
 * The peer (installed for benchmarks only, CC-BY-NC, never imported by genlab):
   ``MixtureDiscreteProbPath`` + ``MixtureDiscreteEulerSolver`` driven by the same trained
   denoiser at NFE = T. The peer runs time s from 0 (noise) to 1 (data), with kappa(s) the data
@@ -27,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -39,12 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from genlab.config import load_config
-from genlab.text.bench import draw, judge_row, make_denoiser, reference_row
+from genlab.text.bench import draw, format_table, judge_row, make_denoiser, reference_row
 from genlab.text.objective import make_schedule
 from genlab.text.recipes import TextConfig, load_trained, train
 from genlab.text.samplers import SAMPLERS
 
-STEPS = (8, 16, 32, 64, 128, 256, 1000)
+STEPS = (8, 16, 32, 64, 100, 128, 256, 1000)
+SEMI_AR_BLOCK = inspect.signature(SAMPLERS["semi_ar"]).parameters["block_size"].default  # its default blocks
+VARIANTS = {"remdm loop": ("remdm", {"strategy": "loop"})}  # extra rows at --loop-steps
 QUICK_STEPS = (4, 16)
 TINY = dict(seq_len=32, hidden=32, depth=1, heads=2, steps=20, batch=4)
 
@@ -116,10 +124,18 @@ def _fmt(v, spec):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'sampler':<22}{'T':>6}{'NFE':>7}{'seconds':>10}{'gen-PPL':>10}{'entropy':>9}")
-    for r in rows:
-        print(f"{r['sampler']:<22}{_fmt(r['steps'], 'd'):>6}{_fmt(r['nfe'], 'd'):>7}{_fmt(r['seconds'], '.3f'):>10}"
-              f"{_fmt(r['gen_ppl'], '.2f'):>10}{_fmt(r['entropy'], '.3f'):>9}")
+    print(format_table(rows))
+
+
+def train_stats(run: Path) -> dict:
+    """Val bits/char (eval.json) and training tokens/s (median logged steps/s x batch x seq_len)."""
+    cfg = load_config(TextConfig, str(run / "config.yaml"))
+    report = json.loads((run / "eval.json").read_text())
+    rates = sorted(json.loads(line)["steps_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                   if '"steps_per_s"' in line)
+    per_step = cfg.train.batch_size * cfg.data.seq_len
+    return {"steps": report["step"], "bits_per_char": report["bits_per_char"], "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.data.seq_len, "tokens_per_s": rates[len(rates) // 2] * per_step if rates else math.nan}
 
 
 def parse_args(argv):
@@ -130,7 +146,10 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, nargs="+", default=None, help=f"T values (default {STEPS})")
     p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 16, quick 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
+    p.add_argument("--time-reps", type=int, default=0,
+                   help="extra interleaved ancestral / cached timings at the largest T (median reported); 0 = the table's pair")
+    p.add_argument("--loop-steps", type=int, nargs="*", default=[256], help="T of the remdm loop rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny pair, T in (4, 16), 4 samples")
@@ -150,40 +169,59 @@ def main(argv: list[str] | None = None) -> dict:
         model.to(a.device)
         judge.to(a.device)
         length = cfg.data.seq_len
+        training = {"mdlm": train_stats(run), "ar": train_stats(judge_run)}
+        plan = [(name, name, {}, T) for name in SAMPLERS for T in steps
+                if name != "semi_ar" or math.ceil(length / SEMI_AR_BLOCK) * T <= steps[-1]]
+        plan += [(label, name, opts, T) for label, (name, opts) in VARIANTS.items() for T in (steps[-1:] if a.quick else a.loop_steps)]
         with torch.no_grad():
             reference = reference_row(cfg, tok, n, length, judge)
             rows, kept = [], {}
-            for name in SAMPLERS:
-                for T in ((steps[0],) if name == "first_hitting" else steps):
-                    tokens, nfe, sec = draw(model, cfg, tok, name, T, n, length, a.seed)
-                    rows.append({"sampler": name, "steps": None if name == "first_hitting" else T, "nfe": nfe,
-                                 "seconds": sec, **judge_row(tokens, judge)})
-                    if name in ("ancestral", "cached") and T == steps[-1]:
-                        kept[name] = tokens
+            for label, name, opts, T in plan:
+                tokens, nfe, sec, per_row = draw(model, cfg, tok, name, T, n, length, a.seed, **opts)
+                rows.append({"sampler": label, "steps": T, "nfe": nfe, "nfe_per_sample": per_row, "seconds": sec,
+                             **judge_row(tokens, judge)})
+                print(f"  {label} T={T}: NFE {nfe}, {sec:.1f} s", file=sys.stderr, flush=True)
+                if name in ("ancestral", "cached") and T == steps[-1]:
+                    kept[name] = tokens
+            timed = []  # (ancestral, cached) seconds, interleaved, at the largest T
+            for rep_ in range(a.time_reps):
+                pair = [draw(model, cfg, tok, name, steps[-1], n, length, a.seed)[2] for name in ("ancestral", "cached")]
+                print(f"  timing pair {rep_}: {pair[0]:.1f} / {pair[1]:.1f} s", file=sys.stderr, flush=True)
+                timed.append(pair)
             for T in steps:
                 tokens, nfe, sec = peer_draw(model, cfg, tok, T, n, length, a.seed)
-                rows.append({"sampler": "peer flow_matching", "steps": T, "nfe": nfe, "seconds": sec,
-                             **judge_row(tokens, judge)})
+                rows.append({"sampler": "peer flow_matching", "steps": T, "nfe": nfe, "nfe_per_sample": nfe,
+                             "seconds": sec, **judge_row(tokens, judge)})
     print(f"shakespeare-char MDLM ({run}) judged by its AR baseline ({judge_run}); {n} samples x {length} tokens, "
           f"{a.threads} threads, device {a.device}, torch {torch.__version__}; entropy in nats")
     print_table(rows + [reference])
+    for kind, s in training.items():
+        print(f"training {kind}: {s['steps']} steps, val {s['bits_per_char']:.3f} bits/char, "
+              f"{s['tokens_per_s']:.0f} tokens/s ({s['batch_size']} x {s['seq_len']} tokens a step)")
 
     def row(name, T):
         return next(r for r in rows if r["sampler"] == name and r["steps"] == T)
 
     top = steps[-1]
     anc, cac = row("ancestral", top), row("cached", top)
+    pairs = [[anc["seconds"], cac["seconds"]]] + timed  # lists: what the JSON file holds
+    ratios_t = sorted(x / y for x, y in pairs)
     cached = {"steps": top, "identical_tokens": bool(torch.equal(kept["ancestral"], kept["cached"])),
-              "speedup": anc["seconds"] / cac["seconds"], "nfe_ancestral": anc["nfe"], "nfe_cached": cac["nfe"]}
+              "speedup": ratios_t[len(ratios_t) // 2], "timings": pairs, "nfe_ancestral": anc["nfe"], "nfe_cached": cac["nfe"],
+              "nfe_per_sample_cached": cac["nfe_per_sample"]}
     print(f"\ncached vs ancestral at T={top}: identical tokens {cached['identical_tokens']}, "
-          f"NFE {cac['nfe']} vs {anc['nfe']}, ancestral/cached seconds {cached['speedup']:.2f}x")
+          f"NFE {cac['nfe']} vs {anc['nfe']} (per sample {cac['nfe_per_sample']:.1f}), "
+          f"ancestral/cached seconds {cached['speedup']:.2f}x (median of {len(pairs)} pairs: "
+          + ", ".join(f"{x:.1f}/{y:.1f}" for x, y in pairs) + ")")
     # some sampler at >= 10x fewer calls within 10% of ancestral-at-top gen-PPL and 5% of its entropy
     cheap = [r for r in rows if r["sampler"] != "peer flow_matching" and r["nfe"] * 10 <= anc["nfe"]
              and r["gen_ppl"] <= 1.1 * anc["gen_ppl"] and abs(r["entropy"] / anc["entropy"] - 1) <= 0.05]
     best_cheap = min(cheap, key=lambda r: r["nfe"]) if cheap else None
-    print(f"fewest calls within 10% gen-PPL / 5% entropy of ancestral T={top} ({anc['gen_ppl']:.2f}, "
-          f"{anc['entropy']:.3f}): " + (f"{best_cheap['sampler']} T={best_cheap['steps']} NFE {best_cheap['nfe']} "
-                                        f"({anc['nfe'] / best_cheap['nfe']:.0f}x fewer)" if best_cheap else "none"))
+    print(f"fewest calls within 10% gen-PPL / 5% entropy of ancestral T={top} ({anc['gen_ppl']:.2f} "
+          f"+-{100 * math.expm1(anc['gen_ppl_se']):.1f}%, {anc['entropy']:.3f}): "
+          + (f"{best_cheap['sampler']} T={best_cheap['steps']} NFE {best_cheap['nfe']} ({anc['nfe'] / best_cheap['nfe']:.0f}x "
+             f"fewer; gen-PPL {best_cheap['gen_ppl']:.2f} +-{100 * math.expm1(best_cheap['gen_ppl_se']):.1f}%, "
+             f"entropy {best_cheap['entropy']:.3f})" if best_cheap else "none"))
     print("\npeer / genlab at equal T (>1 = genlab lower, i.e. better gen-PPL / faster):")
     print(f"{'T':>6}{'PPL peer/dfm':>14}{'s peer/dfm':>12}{'best genlab (NFE<=T)':>24}{'PPL peer/best':>15}"
           f"{'s peer/best':>13}")
@@ -205,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"settings": {"steps": list(steps), "num_samples": n, "length": length, "seed": a.seed,
                             "threads": a.threads, "device": a.device, "quick": a.quick, "torch": torch.__version__,
                             "flow_matching": getattr(flow_matching, "__version__", "1.0.10")},
-               "rows": rows, "reference": reference, "cached_vs_ancestral": cached,
+               "rows": rows, "reference": reference, "cached_vs_ancestral": cached, "training": training,
                "cheap_match": best_cheap, "peer_ratios": ratios}
     assert all(math.isfinite(r["gen_ppl"]) and math.isfinite(r["entropy"]) for r in rows)
     if a.out:

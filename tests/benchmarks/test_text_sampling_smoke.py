@@ -19,7 +19,9 @@ def test_quick_run_rows_are_finite_and_cached_equals_ancestral(tmp_path, capsys)
     saved = json.loads(out.read_text())
     assert saved["settings"]["steps"] == list(bench.QUICK_STEPS) and saved["settings"]["quick"]
     names = {r["sampler"] for r in saved["rows"]}
-    assert names == set(bench.SAMPLERS) | {"peer flow_matching"}
+    assert names == set(bench.SAMPLERS) | set(bench.VARIANTS) | {"peer flow_matching"}
+    assert all(r["nfe_per_sample"] <= r["nfe"] for r in saved["rows"])
+    assert {"mdlm", "ar"} == set(saved["training"]) and all(s["tokens_per_s"] > 0 for s in saved["training"].values())
     for r in saved["rows"] + [saved["reference"]]:
         assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 < r["entropy"] <= math.log(32)
     peer = [r for r in saved["rows"] if r["sampler"] == "peer flow_matching"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genlab.cli import main
-from genlab.text.bench import BenchArgs, bench, generative_perplexity, unigram_entropy
+from genlab.text.bench import BenchArgs, bench, generative_perplexity, judge_row, unigram_entropy
 from genlab.text.models import TextTransformerConfig
 from genlab.text.recipes import TextConfig, TextData, TextEval, TextObjective, TextTokenizer, train
 from genlab.train.engine import TrainConfig
@@ -31,6 +31,8 @@ class UniformJudge(torch.nn.Module):
 def test_gen_ppl_of_a_uniform_judge_is_the_vocabulary_size():
     tokens = torch.randint(0, 7, (5, 9), generator=torch.Generator().manual_seed(0))
     assert generative_perplexity(UniformJudge(7), tokens, batch_size=2) == pytest.approx(7.0, rel=1e-12)
+    row = judge_row(tokens, UniformJudge(7))  # every sample has NLL log 7: no spread
+    assert row["gen_ppl"] == pytest.approx(7.0, rel=1e-12) and row["gen_ppl_se"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_unigram_entropy_by_hand():
@@ -74,14 +76,18 @@ def test_bench_writes_rows_reference_and_frontier(pair, tmp_path, capsys):
     mdlm, ar, _ = pair
     out = tmp_path / "b"
     report = bench(BenchArgs(checkpoint=str(mdlm), judge=str(ar), samplers=("ancestral", "cached", "first_hitting"),
-                             steps=(2, 4), num_samples=3, out=str(out)))
+                             steps=(2, 4, 64), num_samples=3, out=str(out)))
     saved = json.loads((out / "bench.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     assert [(r["sampler"], r["steps"]) for r in saved["rows"]] == [
-        ("ancestral", 2), ("ancestral", 4), ("cached", 2), ("cached", 4), ("first_hitting", None)]
+        (s, T) for s in ("ancestral", "cached", "first_hitting") for T in (2, 4, 64)]
     by = {(r["sampler"], r["steps"]): r for r in saved["rows"]}
-    assert by[("ancestral", 4)]["nfe"] == 4 and by[("first_hitting", None)]["nfe"] == 32  # one jump per position
-    for T in (2, 4):  # cached draws the same tokens as ancestral: the same judges' figures
+    assert by[("ancestral", 4)]["nfe"] == 4 == by[("ancestral", 4)]["nfe_per_sample"]
+    assert by[("first_hitting", 4)]["nfe"] == 4 and by[("first_hitting", 64)]["nfe"] == 32  # <= one jump a position
+    # cached at 64 steps: one call per step that unmasks a token, on the rows that unmask one
+    assert by[("cached", 64)]["nfe_per_sample"] <= min(by[("cached", 64)]["nfe"], 32)
+    assert all(r["gen_ppl_se"] > 0 for r in saved["rows"])
+    for T in (2, 4, 64):  # cached draws the same tokens as ancestral: the same judges' figures
         assert by[("cached", T)]["gen_ppl"] == by[("ancestral", T)]["gen_ppl"]
         assert by[("cached", T)]["entropy"] == by[("ancestral", T)]["entropy"]
     assert all(math.isfinite(r["gen_ppl"]) and 0 < r["entropy"] <= math.log(32) for r in saved["rows"])

@@ -45,6 +45,14 @@ def test_eval_rejects_huge_t_samples(run, capsys):
     fails_cleanly(["text", "eval", "--checkpoint", str(run), "--t-samples", HUGE], capsys, "--t-samples=", run.parent)
 
 
+def test_resume_with_a_damaged_tokenizer_names_it(run, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    text = (bad / "tokenizer.json").read_text()
+    (bad / "tokenizer.json").write_text(text[: len(text) // 2])  # truncated mid-write
+    fails_cleanly(["text", "train", "--resume", str(bad), "--train.steps", "3"], capsys, "tokenizer.json", tmp_path)
+
+
 def test_empty_config_yaml_is_named(run, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
@@ -61,6 +69,8 @@ def test_empty_config_yaml_is_named(run, tmp_path, capsys):
     (["--steps", "2", "99999999999"], "--steps="),
     (["--num-samples", HUGE], "--num-samples="),
     (["--out", "FILE/sub"], "is a file, not a folder"),
+    (["--out", "FILE"], "is a file; give a folder"),
+    (["--out", "missing/deeper/b"], "does not exist"),
 ])
 def test_bench_rejects_nonsense(run, tmp_path, capsys, flags, expect):
     (tmp_path / "FILE").write_text("x")

@@ -62,7 +62,8 @@ CASES = [
     ("confidence", {"threshold": 0.5}), ("confidence", {"score": "sampled"}),
     ("semi_ar", {"block_size": 3}), ("semi_ar", {"block_size": 4, "inner": "cached"}),
     ("semi_ar", {"block_size": 5, "inner": "confidence"}), ("dfm", {}), ("dfm", {"eta": 2.0}),
-    ("remdm", {}), ("remdm", {"sigma": 0.5, "strategy": "rescale"}),
+    ("remdm", {}), ("remdm", {"sigma": 0.5, "strategy": "rescale"}), ("remdm", {"strategy": "conf", "sigma": 0.3}),
+    ("remdm", {"strategy": "loop", "sigma": 0.2}), ("first_hitting", {"steps": 100}),
 ]
 
 
@@ -91,6 +92,7 @@ def test_no_mask_left_fixed_tokens_kept_nfe_counted(sampler, opts):
     x0, free = _prompted()
     for den in (Contextual(), Table(x0.shape[1])):
         out = _run(den, x0, sampler, **opts)
+        assert out.row_evals <= out.nfe * x0.shape[0]
         assert out.tokens.shape == x0.shape and out.tokens.dtype == torch.long
         assert not (out.tokens == MASK).any()
         assert torch.equal(out.tokens[~free], x0[~free])
@@ -167,11 +169,40 @@ def test_cached_equals_ancestral_with_fewer_calls(temperature, top_p):
     assert c.nfe <= int(free.sum()) + 1 and c.nfe < a.nfe / 4
 
 
-def test_remdm_sigma_zero_is_ancestral():
-    x0, _ = _prompted()
-    a = _run(Contextual(), x0, "ancestral", steps=16, seed=2)
-    r = _run(Contextual(), x0, "remdm", steps=16, seed=2, sigma=0.0)
-    assert torch.equal(a.tokens, r.tokens)
+def test_cached_equals_ancestral_for_a_time_dependent_denoiser():
+    """The unmasking decisions are drawn before any call, so skipping the unused calls is exact
+    even when the denoiser reads t and the context; each row is evaluated only when it changes."""
+    x0, free = _prompted(B=5, L=12)
+    a = _run(Contextual(), x0, "ancestral", steps=300, seed=4)
+    den = Contextual()
+    c = _run(den, x0, "cached", steps=300, seed=4)
+    assert torch.equal(a.tokens, c.tokens)
+    assert a.nfe == 300 and a.row_evals == 300 * 5
+    assert c.nfe == den.calls <= int(free.sum())
+    assert c.row_evals <= int(free.sum()) and c.nfe_per_row <= free.sum(1).max()
+
+
+def test_cached_trajectory_matches_ancestral_step_by_step():
+    x0, _ = _prompted(B=3, L=8)
+    a = _run(Contextual(), x0, "ancestral", steps=40, seed=1, return_trajectory=True)
+    c = _run(Contextual(), x0, "cached", steps=40, seed=1, return_trajectory=True)
+    assert len(c.trajectory) == 40 and all(torch.equal(p, q) for p, q in zip(a.trajectory, c.trajectory))
+
+
+def test_remdm_sigma_zero_has_the_ancestral_transitions():
+    """sigma = 0: no decoded token is ever remasked, and a masked token stays masked with the
+    ancestral probability (1 - alpha_s) / (1 - alpha_t)."""
+    B, L, steps = 3000, 4, 4
+    sched = CosineMasking()
+    out = _run(Table(L), torch.full((B, L), MASK), "remdm", steps=steps, sigma=0.0, schedule=sched,
+               return_trajectory=True)
+    states = [torch.full((B, L), MASK)] + out.trajectory
+    a = sched.alpha(torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    for k in range(steps - 1):
+        assert not (states[k + 1][states[k] != MASK] == MASK).any()
+        was = states[k] == MASK
+        frac, p = float((states[k + 1][was] == MASK).float().mean()), float((1 - a[k + 1]) / (1 - a[k]))
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / int(was.sum())) + 1e-9, (k, frac, p)
 
 
 def test_remdm_remasks_a_fraction_sigma():
@@ -183,6 +214,50 @@ def test_remdm_remasks_a_fraction_sigma():
     n = int(decoded.sum())
     # cap: sigma_t = min(0.2, (1 - alpha_s) / alpha_t) = 0.2 here
     assert abs(frac - sigma) < 5 * math.sqrt(sigma * (1 - sigma) / n)
+
+
+def test_remdm_loop_remasks_only_inside_the_loop():
+    """loop: no decoded token is remasked outside t in [t_off, t_on]; inside, alpha is held at
+    alpha_on and a decoded token is remasked with probability min(sigma, (1 - alpha_on) / alpha_on)."""
+    B, L, steps, sigma = 2000, 4, 20, 0.05
+    out = _run(Table(L), torch.full((B, L), MASK), "remdm", steps=steps, sigma=sigma, strategy="loop",
+               return_trajectory=True)
+    states = [torch.full((B, L), MASK)] + out.trajectory
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    fracs = []
+    for k in range(steps):
+        dec = states[k] != MASK
+        remasked = float((states[k + 1][dec] == MASK).float().mean()) if dec.any() else 0.0
+        if grid[k] <= 0.55 and grid[k + 1] >= 0.05:
+            fracs.append((remasked, int(dec.sum())))
+        else:
+            assert remasked == 0.0, k
+    assert len(fracs) == 10  # t from 0.5 to 0.05 in steps of 0.05
+    n = sum(c for _, c in fracs)
+    mean = sum(f * c for f, c in fracs) / n
+    assert abs(mean - sigma) < 5 * math.sqrt(sigma * (1 - sigma) / n)
+    # alpha is held: the masked fraction stays near 1 - alpha_on = 0.1 through the loop
+    for k in range(10, 19):
+        assert abs(float((states[k] == MASK).float().mean()) - 0.1) < 0.03, k
+
+
+def test_remdm_conf_remasks_the_least_confident_first():
+    """conf: cap's sigma_t on average over a row's decoded positions, shared out by softmax(-psi).
+    Position 0 is decoded at psi = p about 1, position 1 at psi = 1/6 (a flat row); in a row with
+    both decoded they are remasked with probability 2 sigma_t w, w = softmax(-1, -1/6)."""
+    B, L, steps, sigma = 6000, 2, 3, 0.2
+    table = torch.zeros(L, V)
+    table[0, 0] = 12.0
+    out = _run(Table(L, table=table), torch.full((B, L), MASK), "remdm", steps=steps, sigma=sigma,
+               strategy="conf", return_trajectory=True)
+    s1, s2 = out.trajectory[0], out.trajectory[1]
+    both = (s1 != MASK).all(1)  # rows with both decoded after the first step
+    n = int(both.sum())
+    psi = torch.tensor([torch.tensor([12.0] + [0.0] * (V - 1)).softmax(0)[0].item(), 1 / V])
+    want = 2 * sigma * (-psi).softmax(0)  # sigma_t = min(0.2, sigma_max = 1) on this grid
+    got = (s2[both] == MASK).float().mean(0)
+    assert (got - want).abs().max() < 5 * math.sqrt(0.25 / n), (got, want)
+    assert got[1] > 2 * got[0]
 
 
 def test_dfm_jump_probabilities():
@@ -203,12 +278,13 @@ def test_dfm_jump_probabilities():
 
 
 def test_first_hitting_times_follow_the_schedule():
-    """The times the denoiser is called at are the unmasking times: i.i.d. with
-    P(tau < s) = (1 - alpha(s)) / (1 - alpha(1)); one call per token, the masked count falls by one."""
+    """With steps >= L (the exact sampler) the times the denoiser is called at are the unmasking
+    times: i.i.d. with P(tau < s) = (1 - alpha(s)) / (1 - alpha(1)); one call per token, the masked
+    count falls by one."""
     B, L = 100, 20
     sched = CosineMasking()
     den = Table(L)
-    out = _run(den, torch.full((B, L), MASK), "first_hitting", schedule=sched)
+    out = _run(den, torch.full((B, L), MASK), "first_hitting", steps=1000, schedule=sched)
     assert out.nfe == L == den.calls
     ts = torch.stack([t for _, t in den.log]).double()  # (L, B), decreasing along calls
     assert (ts[1:] <= ts[:-1]).all()
@@ -222,10 +298,24 @@ def test_first_hitting_times_follow_the_schedule():
     assert abs(float(ts.mean()) - float(mean)) < 4 * float(ts.std()) / math.sqrt(ts.numel())
 
 
+def test_first_hitting_with_fewer_steps_makes_runs_of_events():
+    """steps < n: min(steps, n) jumps per row, runs of n // steps or n // steps + 1 events (10
+    events in 4 jumps: 3, 2, 3, 2 by j * 4 // 10), each call at the time of its run's first event."""
+    B, L = 50, 10
+    den = Table(L)
+    _run(den, torch.full((B, L), MASK), "first_hitting", steps=4, schedule=CosineMasking())
+    assert den.calls == 4
+    assert [int(m[0]) for m, _ in den.log] == [10, 7, 5, 2] and all((m == m[0]).all() for m, _ in den.log)
+    ts = torch.stack([t for _, t in den.log])
+    assert (ts[1:] <= ts[:-1]).all()
+
+
 def test_first_hitting_nfe_is_the_largest_row_count():
     x0, free = _prompted()
     den = Table(x0.shape[1])
-    assert _run(den, x0, "first_hitting").nfe == int(free.sum(1).max()) == den.calls
+    assert _run(den, x0, "first_hitting", steps=100).nfe == int(free.sum(1).max()) == den.calls
+    den = Table(x0.shape[1])
+    assert _run(den, x0, "first_hitting", steps=3).nfe == 3 == den.calls  # the fullest row has >= 3 free
 
 
 def test_alpha_inverse():

@@ -10,9 +10,12 @@
 * ``unigram_entropy``: the entropy, in nats, of each sample's own token histogram, averaged over
   the samples (repetition drives it down; the reference row shows what real text of the same
   length has).
-* ``bench``: for every sampler and number of steps T, N samples of the run's sequence length: NFE,
-  wall seconds, gen-PPL under the judge, entropy; and the same two judges on held-out real text
-  (val chunks of the same length) as the reference row. Writes ``bench.json`` and
+* ``bench``: for every sampler and number of steps T, N samples of the run's sequence length: NFE
+  (batched calls) and NFE per sample (rows through the denoiser / N: less than NFE for
+  ``cached``, which calls on the rows that change only), wall seconds, gen-PPL under the judge with
+  its spread (``gen_ppl_se``: the standard error over the samples of the mean NLL, so the 1-sigma
+  band is gen_ppl * exp(+-se)), entropy; and the same judges on held-out real text (val chunks of the
+  same length) as the reference row. Writes ``bench.json`` and
   ``bench_frontier.png`` (gen-PPL against NFE, one line per sampler).
 """
 
@@ -27,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from genlab.config import Check, folder_problem, load_config, seed_check, validate
+from genlab.config import Check, load_config, seed_check, validate
 from genlab.data import text as textdata
 from genlab.data.tokenizers import SPECIAL_TOKENS, load_tokenizer_file
 from genlab.errors import ConfigError, GenlabError
@@ -39,24 +42,28 @@ from genlab.train.run import read_run_config
 
 DEFAULT_SAMPLERS = ("ancestral", "cached", "first_hitting", "confidence", "dfm")
 DEFAULT_STEPS = (8, 16, 32, 64, 128)
-STEPS_IGNORED = ("first_hitting",)  # one jump per position: the row is drawn once, whatever T
 
 
 # ----------------------------------------------------------------------------- the judges
 @torch.no_grad()
-def generative_perplexity(ar_model, tokens: Tensor, bos_id: int | None = None, batch_size: int = 64) -> float:
-    """exp(mean next-token NLL in nats) of ``tokens`` (N, L) under the causal ``ar_model``
-    (``ar_model(x) -> logits (B, L, V)``), every token predicted (``bos_id``, by default the model's
-    mask id as in training, starts each row). Every token weighs the same."""
+def sample_nll(ar_model, tokens: Tensor, bos_id: int | None = None, batch_size: int = 64) -> Tensor:
+    """(N,) float64: the mean next-token NLL in nats of each row of ``tokens`` (N, L) under the causal
+    ``ar_model`` (``ar_model(x) -> logits (B, L, V)``), every token predicted (``bos_id``, by default
+    the model's mask id as in training, starts each row)."""
     bos = ar_model.mask_id if bos_id is None else bos_id
     device = next(ar_model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for i in range(0, len(tokens), batch_size):
         x = tokens[i:i + batch_size].to(device)  # (B, L)
         logp = ar_model(ar_inputs(x, bos)).double().log_softmax(-1)  # (B, L, V), float64: exact for tests
-        total -= logp.gather(-1, x[..., None]).sum().item()
-        count += x.numel()
-    return math.exp(total / count)
+        out.append(-logp.gather(-1, x[..., None])[..., 0].mean(1).cpu())
+    return torch.cat(out)
+
+
+def generative_perplexity(ar_model, tokens: Tensor, bos_id: int | None = None, batch_size: int = 64) -> float:
+    """exp(mean next-token NLL in nats) of ``tokens`` (N, L) under the causal ``ar_model``; every token
+    weighs the same (the rows have one length)."""
+    return math.exp(float(sample_nll(ar_model, tokens, bos_id, batch_size).mean()))
 
 
 def unigram_entropy(tokens: Tensor) -> float:
@@ -89,8 +96,9 @@ def _sync(device) -> None:
 
 
 def draw(model, cfg: TextConfig, tok, sampler: str, steps: int, n: int, length: int, seed: int = 0,
-         **options) -> tuple[Tensor, int, float]:
-    """(tokens (n, length) on the CPU, NFE, wall seconds of the whole batch) of one sampler."""
+         **options) -> tuple[Tensor, int, float, float]:
+    """(tokens (n, length) on the CPU, NFE, wall seconds of the whole batch, NFE per sample) of one
+    sampler."""
     from genlab.text.samplers import sample_tokens
 
     device = next(model.parameters()).device
@@ -102,24 +110,28 @@ def draw(model, cfg: TextConfig, tok, sampler: str, steps: int, n: int, length: 
     out = sample_tokens(make_denoiser(model, tok), x_init, mask_id=cfg.model.vocab_size, schedule=schedule,
                         steps=steps, sampler=sampler, generator=g, **options)
     _sync(device)
-    return out.tokens.cpu(), int(out.nfe), time.perf_counter() - start
+    return out.tokens.cpu(), int(out.nfe), time.perf_counter() - start, out.nfe_per_row
 
 
 def judge_row(tokens: Tensor, judge=None) -> dict[str, Any]:
-    """The quality columns of one row: gen-PPL (None without a judge) and entropy in nats."""
-    return {"gen_ppl": generative_perplexity(judge, tokens) if judge is not None else None,
-            "entropy": unigram_entropy(tokens)}
+    """The quality columns of one row: gen-PPL and its spread ``gen_ppl_se`` (the standard error over
+    the samples of the mean NLL; None for one sample or without a judge) and entropy in nats."""
+    if judge is None:
+        return {"gen_ppl": None, "gen_ppl_se": None, "entropy": unigram_entropy(tokens)}
+    nll = sample_nll(judge, tokens)
+    se = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else None
+    return {"gen_ppl": math.exp(float(nll.mean())), "gen_ppl_se": se, "entropy": unigram_entropy(tokens)}
 
 
 def sampler_table(model, cfg: TextConfig, tok, samplers: Sequence[str], steps: Sequence[int], n: int,
                   length: int, seed: int = 0, judge=None) -> list[dict[str, Any]]:
-    """One row per (sampler, T): sampler, steps, nfe, seconds (whole batch), gen_ppl, entropy. A
-    sampler that ignores T (first_hitting) gets one row, with steps None."""
+    """One row per (sampler, T): sampler, steps, nfe, nfe_per_sample, seconds (whole batch), gen_ppl,
+    gen_ppl_se, entropy."""
     rows = []
     for name in samplers:
-        for T in ([steps[0]] if name in STEPS_IGNORED else steps):
-            tokens, nfe, seconds = draw(model, cfg, tok, name, T, n, length, seed)
-            rows.append({"sampler": name, "steps": None if name in STEPS_IGNORED else T, "nfe": nfe,
+        for T in steps:
+            tokens, nfe, seconds, per_row = draw(model, cfg, tok, name, T, n, length, seed)
+            rows.append({"sampler": name, "steps": T, "nfe": nfe, "nfe_per_sample": per_row,
                          "seconds": seconds, **judge_row(tokens, judge)})
     return rows
 
@@ -159,7 +171,18 @@ class BenchArgs:
             (device_problem(self.device) or "").replace(" or mps", "") or "choose auto, cpu, cuda or cuda:N"
         yield "checkpoint", Path(self.checkpoint).is_dir(), "no such run folder"
         yield "judge", not self.judge or Path(self.judge).is_dir(), "no such run folder"
-        yield "out", not self.out or folder_problem(self.out) is None, folder_problem(self.out) if self.out else ""
+        problem = _out_problem(Path(self.out)) if self.out else None
+        yield "out", problem is None, problem or ""
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why --out cannot be the report folder, or None: it may be made, but only inside a folder
+    that exists (a mistyped path is an error, not a new tree of folders)."""
+    if out.exists():
+        return None if out.is_dir() else "is a file; give a folder"
+    if out.parent.exists() and not out.parent.is_dir():
+        return f"{out.parent} is a file, not a folder"
+    return None if out.parent.is_dir() else f"the folder {out.parent} does not exist (make it first)"
 
 
 def _read_cfg(path: str, flag: str) -> TextConfig:
@@ -204,8 +227,8 @@ def reference_row(cfg: TextConfig, tok, n: int, length: int, judge=None) -> dict
         raise ConfigError("the run's corpus now gives a different tokenizer than its tokenizer.json "
                           "(was --data.path changed?)")
     chunks = textdata.fixed_chunks(built.val_ids, length, n)
-    return {"sampler": "reference (val text)", "steps": None, "nfe": None, "seconds": None,
-            "n": len(chunks), **judge_row(chunks, judge)}
+    return {"sampler": "reference (val text)", "steps": None, "nfe": None, "nfe_per_sample": None,
+            "seconds": None, "n": len(chunks), **judge_row(chunks, judge)}
 
 
 def plot_frontier(rows: list[dict], reference: dict, path: Path) -> None:
@@ -233,13 +256,17 @@ def plot_frontier(rows: list[dict], reference: dict, path: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows as text: sampler, T, NFE, NFE per sample, seconds, gen-PPL +- its 1-sigma spread in
+    percent, entropy."""
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"{'sampler':<22}{'T':>6}{'NFE':>7}{'seconds':>10}{'gen-PPL':>10}{'entropy':>9}"]
+    lines = [f"{'sampler':<22}{'T':>6}{'NFE':>7}{'NFE/seq':>9}{'seconds':>10}{'gen-PPL':>10}{'+-%':>6}{'entropy':>9}"]
     for r in rows:
-        lines.append(f"{r['sampler']:<22}{f(r['steps'], 'd'):>6}{f(r['nfe'], 'd'):>7}{f(r['seconds'], '.3f'):>10}"
-                     f"{f(r['gen_ppl'], '.2f'):>10}{f(r['entropy'], '.3f'):>9}")
+        se = r.get("gen_ppl_se")
+        lines.append(f"{r['sampler']:<22}{f(r['steps'], 'd'):>6}{f(r['nfe'], 'd'):>7}"
+                     f"{f(r.get('nfe_per_sample'), '.1f'):>9}{f(r['seconds'], '.3f'):>10}{f(r['gen_ppl'], '.2f'):>10}"
+                     f"{f(None if se is None else 100 * math.expm1(se), '.1f'):>6}{f(r['entropy'], '.3f'):>9}")
     return "\n".join(lines)
 
 
@@ -255,7 +282,7 @@ def bench(args: BenchArgs) -> dict:
     reference = reference_row(cfg, tok, args.num_samples, length, judge)
     rows = sampler_table(model, cfg, tok, args.samplers, args.steps, args.num_samples, length, args.seed, judge)
     out = Path(args.out) if args.out else run_folder(args.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)  # its parent was checked: a mistyped path is an error, not a tree of folders
     report = {"checkpoint": str(args.checkpoint), "judge": args.judge or None, "num_samples": args.num_samples,
               "length": length, "seed": args.seed, "device": device,
               "units": {"seconds": "wall time of the whole batch", "entropy": "nats",

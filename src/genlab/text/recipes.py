@@ -282,12 +282,27 @@ def generate(model: TextTransformer, cfg: TextConfig, tok, n: int, length: int, 
 
 
 # ----------------------------------------------------------------------------- train
+def check_saved_tokenizer(run_dir: Path, tok) -> None:
+    """A resumed run keeps the tokenizer its checkpoints were trained with: its tokenizer.json must read
+    back (a damaged file is a one-line FileFormatError naming it, never silently rebuilt) and give the
+    vocabulary the corpus gives now. A missing one is written again from the corpus."""
+    path = run_dir / "tokenizer.json"
+    if not path.exists():
+        return
+    saved = load_tokenizer_file(path)
+    if saved.get_vocab() != tok.get_vocab():
+        raise ConfigError(f"{path}: its {len(saved.get_vocab())} tokens differ from the {len(tok.get_vocab())} the "
+                          f"corpus gives now (was --data.* or --tokenizer.* changed?); resume with the run's settings")
+
+
 def train(cfg: TextConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, checkpoint, evaluate; returns the run folder (config.yaml, tokenizer.json, metrics,
     checkpoints, loss.png, eval.json with val NELBO, bits per character and a few samples)."""
     validate(cfg)
     built = build_data(cfg)  # the corpus and tokenizer decide --model.vocab-size: before the folder is touched
     cfg = with_vocab(cfg, built.tokenizer)
+    if resume:
+        check_saved_tokenizer(Path(cfg.run_dir), built.tokenizer)
     run = start_run(cfg, resume=resume, overwrite=overwrite)
     if run.finished:
         return run.dir

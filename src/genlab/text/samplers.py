@@ -11,17 +11,21 @@ Conventions (see docs/theory/text.md):
   prompts, infilling): fixed tokens never change, and every sampler returns no mask token;
 * ``temperature`` / ``top_p`` act on the denoiser's distribution p(x_0 | x_t) through
   ``genlab.nn.sampling.filter_logits``; temperature 0 is greedy (the argmax);
-* ``nfe`` counts the denoiser calls, each batched call = 1.
+* ``nfe`` counts the denoiser calls, each batched call = 1 (on however many rows);
+  ``row_evals`` counts the rows passed through it, so ``row_evals / B`` is the calls per sample.
 
-Random numbers are drawn from ``generator`` in a fixed order per step, whatever happens in the
-step (``ancestral`` and ``cached`` draw the same numbers in the same order), and a categorical draw
-is an inverse-CDF lookup of one uniform number per position, so ``cached`` reproduces ``ancestral``
-token for token for a time-independent denoiser.
+A categorical draw is an inverse-CDF lookup of one uniform number per position. ``ancestral`` and
+``cached`` draw the same numbers in the same order before any call: with SUBS, *which* masked
+positions unmask at a step does not depend on the denoiser, so each position's unmasking step
+(one uniform) and its token's uniform are drawn first; the denoiser is then needed only for the
+tokens to draw. ``cached`` skips every call whose output no draw would use, and reproduces
+``ancestral`` token for token for any denoiser whose rows do not depend on each other.
 
-NFE per sampler: ancestral = ``steps``; cached = the steps whose state differs from the state of
-the last call (and that still have a masked token); first_hitting = the largest number of free
-positions in a row (one jump per unmasking time; ``steps`` is ignored); confidence, dfm, remdm =
-the steps that had something to do (a masked token); semi_ar = the sum over its blocks.
+NFE per sampler: ancestral = ``steps``; cached = the steps at which some token unmasks, each call
+on the rows that unmask a token (with L tokens a row gets at most L evaluations, whatever
+``steps``); first_hitting = min(``steps``, the largest number of free positions in a row);
+confidence, dfm, remdm = the steps that had something to do (a masked token); semi_ar = the sum
+over its blocks.
 """
 
 from __future__ import annotations
@@ -44,12 +48,22 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass
 class SampleOutput:
-    """``tokens`` (B, L) long with no mask left; ``nfe`` denoiser calls; ``trajectory``: the state
-    after each step (a list of (B, L) tensors) when asked for with ``return_trajectory=True``."""
+    """``tokens`` (B, L) long with no mask left; ``nfe`` denoiser calls (each batched call = 1, on
+    however many rows); ``row_evals`` the rows passed through the denoiser over all calls;
+    ``trajectory``: the state after each step (a list of (B, L) tensors) when asked for with
+    ``return_trajectory=True``."""
 
     tokens: Tensor
     nfe: int
     trajectory: list[Tensor] | None = None
+    row_evals: int = 0
+
+    @property
+    def nfe_per_row(self) -> float:
+        """Denoiser evaluations per sample: rows passed through the denoiser / B (= ``nfe`` for a
+        sampler that always calls on the whole batch; less for ``cached``, which calls on the rows
+        that change only)."""
+        return self.row_evals / max(self.tokens.shape[0], 1)
 
 
 class _Ctx:
@@ -60,17 +74,20 @@ class _Ctx:
         self.denoiser, self.mask_id, self.generator = denoiser, mask_id, generator
         self.temperature, self.top_p = temperature, top_p
         self.device, (self.B, self.L) = x.device, x.shape
-        self.nfe = 0
+        self.nfe = 0  # denoiser calls (a call on any number of rows counts 1)
+        self.row_evals = 0  # rows (sequences) passed through the denoiser, over all calls
         self.trajectory: list[Tensor] | None = [] if return_trajectory else None
 
     def logits(self, x: Tensor, t: float | Tensor) -> Tensor:
-        """One counted call: float32 logits (B, L, V); t a float or a (B,) tensor."""
+        """One counted call on b <= B rows: float32 logits (b, L, V); t a float or a (b,) tensor."""
+        b = x.shape[0]
         tt = t.to(self.device, torch.float32) if torch.is_tensor(t) else torch.full(
-            (self.B,), float(t), device=self.device)
+            (b,), float(t), device=self.device)
         self.nfe += 1
+        self.row_evals += b
         out = self.denoiser(x, tt).float()
         if out.dim() != 3 or out.shape[:2] != x.shape:
-            raise ValueError(f"denoiser must return logits (B, L, V) = ({self.B}, {self.L}, V), "
+            raise ValueError(f"denoiser must return logits (B, L, V) = ({b}, {self.L}, V), "
                              f"got {tuple(out.shape)}")
         if out.shape[-1] > self.mask_id:
             raise ValueError(f"denoiser predicts {out.shape[-1]} tokens but mask_id is {self.mask_id}: "
@@ -129,38 +146,71 @@ def alpha_inverse(schedule: Schedule, a: Tensor, iters: int = 60) -> Tensor:
 # ancestral and cached: the exact reverse step of the absorbing process
 
 
+def _unmask_steps(ctx: _Ctx, schedule: Schedule, steps: int) -> Tensor:
+    """(B, L) long: the step k in [0, steps) at which each position unmasks under the ancestral
+    chain, one uniform per position (inverse CDF).
+
+    From t to s < t a masked token stays masked with probability (1 - alpha_s) / (1 - alpha_t);
+    the product telescopes, so a token masked at t_0 = 1 is still masked after step k with
+    probability S_k = (1 - alpha(t_{k+1})) / (1 - alpha(1)) (S = 0 after the last step). With SUBS
+    this does not depend on the denoiser: it is decided before any call. K = #{k : S_k > u} has
+    P(K > k) = S_k."""
+    a = schedule.alpha(torch.tensor(_grid(steps), dtype=torch.float64))  # (steps + 1,)
+    survive = ((1.0 - a[1:]) / (1.0 - a[0])).clamp(0.0, 1.0)  # (steps,) decreasing
+    survive[-1] = 0.0
+    u = ctx.rand(ctx.B, ctx.L).to(torch.float64)
+    ascending = survive.flip(0).to(u.device)
+    return steps - torch.searchsorted(ascending, u.contiguous(), right=True)  # (B, L) in [0, steps)
+
+
 def _ancestral_core(ctx: _Ctx, x: Tensor, active: Tensor, schedule: Schedule, steps: int,
                     cache: bool) -> Tensor:
-    """From t to s < t a masked active token stays masked with probability
-    (1 - alpha_s) / (1 - alpha_t), else takes a draw from p(x_0 | x_t); the rest is kept."""
-    grid, probs, last_x = _grid(steps), None, None
-    for k in range(steps):
-        a_t, a_s = _alpha(schedule, grid[k]), _alpha(schedule, grid[k + 1])
-        stay = 0.0 if k == steps - 1 else (1.0 - a_s) / (1.0 - a_t)
-        u_keep, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)  # drawn every step, always
-        masked = (x == ctx.mask_id) & active  # (B, L)
-        if cache:
-            if not masked.any():
-                ctx.record(x)
-                continue
-            if probs is None or not torch.equal(x, last_x):
-                probs, last_x = ctx.probs(ctx.logits(x, grid[k])), x.clone()
-        else:
-            probs = ctx.probs(ctx.logits(x, grid[k]))
-        unmask = masked & (u_keep >= stay)
-        x = torch.where(unmask, _draw(probs, u_tok), x)
+    """The ancestral chain with the "which positions unmask at step k" decision drawn first (one
+    uniform per position for its step, one per position for its token, both before any call):
+    ancestral calls the denoiser at every step on the whole batch; cached only at the steps where
+    a token unmasks, on the rows where one does. Every token is drawn from the same logits row with
+    the same uniform in both, so the two agree token for token, whatever the denoiser (t included),
+    as long as a row's logits do not depend on which other rows share its batch."""
+    grid = _grid(steps)
+    masked = (x == ctx.mask_id) & active  # (B, L)
+    when = torch.where(masked, _unmask_steps(ctx, schedule, steps), steps)  # (B, L); steps = never
+    u_tok = ctx.rand(ctx.B, ctx.L)  # (B, L) the uniform of each position's token draw
+    if cache:
+        # the (step, row) pairs that have an unmasking, sorted by step: one host sync here, then no
+        # work at all for the steps where nothing changes
+        rows_ix = torch.arange(ctx.B, device=x.device)[:, None].expand_as(when)
+        keys = torch.unique(when[masked] * ctx.B + rows_ix[masked])  # sorted
+        ks, counts = torch.unique_consecutive(keys // ctx.B, return_counts=True)
+        plan = zip(ks.tolist(), (keys % ctx.B).split(counts.tolist()))
+    else:
+        every = torch.arange(ctx.B, device=x.device)
+        plan = ((k, every) for k in range(steps))
+    done = 0  # steps recorded so far
+    for k, rows in plan:
+        for _ in range(done, k):  # the steps cached skipped: the state did not change
+            ctx.record(x)
+        sub = x[rows]  # (b, L)
+        now = when[rows] == k  # (b, L) the positions that unmask at this step
+        logits = ctx.logits(sub, grid[k])  # one call on b rows: (b, L, V)
+        if cache or now.any():
+            sub[now] = _draw(ctx.probs(logits[now]), u_tok[rows][now])  # (n,) tokens of the n positions
+            x[rows] = sub
+        ctx.record(x)
+        done = k + 1
+    for _ in range(done, steps):
         ctx.record(x)
     return x
 
 
 def _ancestral(ctx, x, free, schedule, steps):
-    """MDLM's ancestral sampler: ``steps`` calls."""
+    """MDLM's ancestral sampler: ``steps`` calls on the whole batch."""
     return _ancestral_core(ctx, x, free, schedule, steps, cache=False)
 
 
 def _cached(ctx, x, free, schedule, steps):
-    """Ancestral with the denoiser output reused while the state is unchanged (MDLM's cache):
-    exact for a time-independent denoiser, an approximation (output of an earlier t) otherwise."""
+    """Ancestral without the calls whose output no draw uses: the denoiser runs only at the steps
+    where some token unmasks, and only on the rows where one does (MDLM's cache, per row). The same
+    tokens as ancestral for the same seed."""
     return _ancestral_core(ctx, x, free, schedule, steps, cache=True)
 
 
@@ -171,24 +221,34 @@ def _cached(ctx, x, free, schedule, steps):
 def _first_hitting(ctx, x, free, schedule, steps):
     """Each masked token's unmasking time tau has P(tau < s) = (1 - alpha_s) / (1 - alpha_1)
     (the reverse process, read from t = 1); sampling them all at once and visiting them in
-    decreasing order is the first-hitting sampler (Zheng et al. 2024) with one token per jump.
-    At each jump the denoiser is called at t = tau on the current state. ``steps`` is ignored."""
+    decreasing order is the first-hitting sampler (Zheng et al. 2024). A row with n masked tokens
+    makes min(steps, n) jumps: its unmasking events, in time order, split into that many runs of
+    consecutive events (sizes differing by at most one); a jump calls the denoiser at the time of its
+    first event, on the state before it, and draws every token of its run from that output. With
+    ``steps`` >= n it is the exact sampler (one token per jump, n calls); with fewer, the run's later
+    tokens are drawn a little early (as ancestral does within a step). The call of a jump is made on
+    the rows that still have one."""
     a1 = _alpha(schedule, 1.0)
     u = ctx.rand(ctx.B, ctx.L).to(torch.float64)
+    u_tok = ctx.rand(ctx.B, ctx.L)  # (B, L) the uniform of each position's token draw
     tau = alpha_inverse(schedule, 1.0 - (1.0 - a1) * u)  # (B, L)
     masked = (x == ctx.mask_id) & free
     tau = torch.where(masked, tau, torch.full_like(tau, -1.0))  # fixed positions never jump
     tau_sorted, order = torch.sort(tau, dim=1, descending=True)  # (B, L) each
-    counts = masked.sum(1)  # (B,)
-    rows = torch.arange(ctx.B, device=x.device)
-    for j in range(int(counts.max())):
-        pos, t = order[:, j], tau_sorted[:, j].clamp(min=0.0)  # (B,) each
-        live = j < counts  # rows that still have a jump
-        u_tok = ctx.rand(ctx.B)
-        logits = ctx.logits(x, t)[rows, pos]  # (B, V)
-        tok = _draw(ctx.probs(logits), u_tok)
-        x = x.clone()
-        x[rows[live], pos[live]] = tok[live]
+    n = masked.sum(1)  # (B,) events per row
+    jumps = n.clamp(max=steps)  # (B,)
+    j = torch.arange(ctx.L, device=x.device)[None]  # (1, L) rank of an event in its row
+    run = torch.where(j < n[:, None], j * jumps[:, None] // n.clamp(min=1)[:, None], ctx.L)  # (B, L) by rank
+    run = torch.empty_like(run).scatter_(1, order, run)  # (B, L) by position
+    for g in range(int(jumps.max())):
+        rows = (g < jumps).nonzero()[:, 0]  # (b,) rows that still have a jump
+        now = run[rows] == g  # (b, L) the positions of this run
+        first = (g * n[rows] + jumps[rows] - 1) // jumps[rows]  # (b,) rank of the run's first event
+        t = tau_sorted[rows, first].clamp(min=0.0)  # (b,)
+        sub = x[rows]
+        logits = ctx.logits(sub, t)  # (b, L, V)
+        sub[now] = _draw(ctx.probs(logits[now]), u_tok[rows][now])
+        x[rows] = sub
         ctx.record(x)
     return x
 
@@ -298,33 +358,81 @@ def _dfm(ctx, x, free, schedule, steps, eta: float = 0.0):
     return x
 
 
-def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "cap"):
+REMDM_STRATEGIES = ("cap", "rescale", "conf", "loop")
+
+
+def _loop_alphas(schedule: Schedule, grid: list[float], t_on: float, t_off: float,
+                 alpha_on: float) -> tuple[list[float], list[bool]]:
+    """ReMDM-loop's time warp: alpha on the grid and which steps are loop steps. From t = 1 to
+    t_on the schedule runs from alpha(1) to alpha_on, from t_on to t_off alpha stays at alpha_on
+    (the loop: remask and re-decode at a fixed noise level), from t_off to 0 it runs from alpha_on
+    to alpha(0)."""
+    t_star = float(alpha_inverse(schedule, torch.tensor(alpha_on, dtype=torch.float64)))
+    def warp(t):
+        if t >= t_on:
+            return t_star + (t - t_on) * (1.0 - t_star) / (1.0 - t_on)
+        return t_star if t >= t_off else t * t_star / t_off
+    alphas = [_alpha(schedule, warp(t)) for t in grid]
+    loop = [t_off <= grid[k + 1] and grid[k] <= t_on for k in range(len(grid) - 1)]
+    return alphas, loop
+
+
+def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "cap",
+           t_on: float = 0.55, t_off: float = 0.05, alpha_on: float = 0.9):
     """ReMDM (Wang et al. 2025): the reverse step with remasking probability sigma_t,
     sigma_t <= sigma_max = min(1, (1 - alpha_s) / alpha_t): a decoded free token is remasked with
     probability sigma_t; a masked token is decoded with probability
-    (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t). strategy "cap": sigma_t = min(sigma,
-    sigma_max); "rescale": sigma_t = sigma * sigma_max. sigma = 0 is ancestral. The last step
-    (alpha_s = 1) has sigma_t = 0 and decodes everything: no mask is left."""
-    if strategy not in ("cap", "rescale"):
-        raise ValueError(f"remdm strategy must be 'cap' or 'rescale', got {strategy!r}")
+    (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t). sigma = 0 is the ancestral chain.
+    Strategies:
+
+    * "cap": sigma_t = min(sigma, sigma_max); "rescale": sigma_t = sigma * sigma_max;
+    * "conf": cap's sigma_t, shared out over the decoded positions in proportion to
+      softmax(-psi), psi the probability the model gave a token when it was decoded (the least
+      confident go first; the expected number remasked is cap's, each probability clipped at
+      sigma_max);
+    * "loop": no remasking until t_on while alpha climbs to ``alpha_on``; from t_on to t_off alpha
+      stays at alpha_on and each step remasks with min(sigma, sigma_max) and re-decodes; then
+      plain steps from alpha_on to 1 (``_loop_alphas``; the paper's t_on 0.55, t_off 0.05,
+      alpha_on 0.9 by default).
+
+    The last step (alpha_s = 1) has sigma_t = 0 and decodes everything: no mask is left. A step
+    with no masked token left makes no call."""
+    if strategy not in REMDM_STRATEGIES:
+        raise ValueError(f"remdm strategy must be one of {', '.join(REMDM_STRATEGIES)}, got {strategy!r}")
     if not 0.0 <= sigma <= 1.0:
         raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+    if not 0.0 < t_off < t_on < 1.0 or not 0.0 < alpha_on < 1.0:
+        raise ValueError(f"remdm loop needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got t_on={t_on}, "
+                         f"t_off={t_off}, alpha_on={alpha_on}")
     grid = _grid(steps)
+    if strategy == "loop":
+        alphas, loop = _loop_alphas(schedule, grid, t_on, t_off, alpha_on)
+    else:
+        alphas, loop = [_alpha(schedule, t) for t in grid], [True] * steps
+    psi = torch.ones(ctx.B, ctx.L, device=x.device)  # (B, L) confidence of each decoded token
     for k in range(steps):
-        a_t, a_s = _alpha(schedule, grid[k]), _alpha(schedule, grid[k + 1])
+        a_t, a_s = alphas[k], alphas[k + 1]
         u_jump, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)
         masked = (x == ctx.mask_id) & free
         last = k == steps - 1
-        s_max = 0.0 if last else min(1.0, (1.0 - a_s) / a_t)
-        sig = min(sigma, s_max) if strategy == "cap" else sigma * s_max
-        # a masked token stays masked with probability (1 - alpha_s - sigma_t alpha_t) / (1 - alpha_t),
-        # decided by u >= stay as in ancestral (so sigma = 0 is ancestral token for token)
+        s_max = 0.0 if last or not loop[k] else min(1.0, (1.0 - a_s) / a_t)
+        sig = sigma * s_max if strategy == "rescale" else min(sigma, s_max)
+        # a masked token stays masked with probability (1 - alpha_s - sigma_t alpha_t) / (1 - alpha_t)
         stay = 0.0 if last else (1.0 - a_s - sig * a_t) / (1.0 - a_t)
         decoded = free & ~masked
+        if strategy == "conf" and sig > 0:  # (B, L): sig on average over a row's decoded positions
+            w = (-psi).masked_fill(~decoded, -math.inf).softmax(-1).nan_to_num(0.0)
+            sig_pos = (sig * decoded.sum(1, keepdim=True) * w).clamp(max=s_max)
+        else:
+            sig_pos = sig
         if masked.any():  # a call only when something can be decoded; remasking needs none
-            tok = _draw(ctx.probs(ctx.logits(x, grid[k])), u_tok)
-            x = torch.where(masked & (u_jump >= stay), tok, x)
-        x = torch.where(decoded & (u_jump < sig), torch.full_like(x, ctx.mask_id), x)
+            probs = ctx.probs(ctx.logits(x, grid[k]))  # (B, L, V)
+            tok = _draw(probs, u_tok)
+            now = masked & (u_jump >= stay)
+            x = torch.where(now, tok, x)
+            if strategy == "conf":
+                psi = torch.where(now, probs.gather(-1, tok[..., None])[..., 0], psi)
+        x = torch.where(decoded & (u_jump < sig_pos), torch.full_like(x, ctx.mask_id), x)
         ctx.record(x)
     return x
 
@@ -352,7 +460,8 @@ def sample_tokens(denoiser: Denoiser, x_init: Tensor, *, mask_id: int, schedule:
                   **options) -> SampleOutput:
     """Fill every ``mask_id`` of ``x_init`` (B, L) with sampler ``sampler`` (a key of SAMPLERS);
     the other tokens are kept. Options per sampler: confidence (threshold, score), semi_ar
-    (block_size, inner, threshold), dfm (eta), remdm (sigma, strategy)."""
+    (block_size, inner, threshold), dfm (eta), remdm (sigma, strategy: cap / rescale / conf / loop,
+    and t_on, t_off, alpha_on for loop)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     fn = SAMPLERS[sampler]
@@ -378,4 +487,4 @@ def sample_tokens(denoiser: Denoiser, x_init: Tensor, *, mask_id: int, schedule:
             tok = _draw(ctx.probs(ctx.logits(x, 0.0)), ctx.rand(ctx.B, ctx.L))
             x = torch.where(left, tok, x)
             ctx.record(x)
-    return SampleOutput(tokens=x, nfe=ctx.nfe, trajectory=ctx.trajectory)
+    return SampleOutput(tokens=x, nfe=ctx.nfe, trajectory=ctx.trajectory, row_evals=ctx.row_evals)
