@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/text_sampling.py --out /tmp/ts/text_sampling.json   # trains the pair (~12 min)
     .venv/bin/python benchmarks/text_sampling.py --run RUN --judge AR_RUN          # an existing MDLM + AR pair
     .venv/bin/python benchmarks/text_sampling.py --quick                           # smoke run, seconds
+    .venv/bin/python benchmarks/text_sampling.py --run RUN --judge AR_RUN --pairs 3 --only-pairs  # peer timing
 
 * The pair: the shakespeare-char MDLM (``text/shakespeare-char``) and its AR baseline
   (``text/shakespeare-ar``: same backbone, data, tokenizer and budget), trained here with genlab's
@@ -27,6 +28,11 @@
   positions, and a one-hot on the current token at decoded ones (SUBS carry-over: the solver's
   x_1 then equals x_t there, so a decoded token never moves). Its rates are genlab's ``dfm`` at
   eta = 0, so the two should agree in quality; the comparison is of speed and of the samplers.
+* ``--pairs N``: paired, interleaved timing against the peer at each T of ``--pair-steps`` (default
+  32 128): N rounds, each running ``--pair-samplers`` (default dfm and confidence) and the peer once
+  on the same model, batch and seed, the order rotated every round; the median over the rounds of
+  each round's peer / genlab seconds is reported (the table's seconds come from rows run minutes
+  apart). ``--only-pairs`` skips the table.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import argparse
 import inspect
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -119,6 +126,49 @@ def peer_draw(model, cfg: TextConfig, tok, steps: int, n: int, length: int, seed
     return out.cpu(), Posterior.calls, time.perf_counter() - start
 
 
+def paired_timing(model, cfg, tok, judge, steps: list[int], samplers: list[str], reps: int, n: int, length: int,
+                  seed: int) -> list[dict]:
+    """Per T: each sampler's and the peer's NFE, NFE per sample, gen-PPL, entropy and seconds of
+    every round, and the median over the rounds of peer / sampler seconds (see --pairs)."""
+    out = []
+    for name in samplers:  # warm-up, untimed: the first calls of a process are slow
+        draw(model, cfg, tok, name, 2, n, length, seed)
+    peer_draw(model, cfg, tok, 2, n, length, seed)
+    for T in steps:
+        names = list(samplers) + ["peer"]
+        got = {name: {"seconds": []} for name in names}
+        for r in range(reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every round
+                if name == "peer":
+                    tokens, nfe, sec = peer_draw(model, cfg, tok, T, n, length, seed)
+                    per_row = nfe
+                else:
+                    tokens, nfe, sec, per_row = draw(model, cfg, tok, name, T, n, length, seed)
+                got[name].update({"nfe": nfe, "nfe_per_sample": per_row, **judge_row(tokens, judge)})
+                got[name]["seconds"].append(sec)
+            print(f"  pair round {r} T={T}: " + ", ".join(f"{k} {v['seconds'][-1]:.2f} s" for k, v in got.items()),
+                  file=sys.stderr, flush=True)
+        peer_s = got["peer"]["seconds"]
+        for name in samplers:
+            got[name]["peer_over_seconds"] = [p / g for p, g in zip(peer_s, got[name]["seconds"])]
+            got[name]["median_peer_over_seconds"] = statistics.median(got[name]["peer_over_seconds"])
+        out.append({"steps": T, "rows": got})
+    return out
+
+
+def print_pairs(pairs: list[dict]) -> None:
+    print("\npaired timing vs the peer (median over rounds of peer / genlab seconds; >1 = genlab faster):")
+    print(f"{'T':>6}  {'sampler':<20}{'NFE':>6}{'NFE/seq':>9}{'gen-PPL':>9}{'entropy':>9}{'median s':>10}"
+          f"{'peer/this':>11}  rounds")
+    for block in pairs:
+        for name, r in block["rows"].items():
+            sec = statistics.median(r["seconds"])
+            ratio = r.get("median_peer_over_seconds")
+            per = ", ".join(f"{x:.2f}" for x in r.get("peer_over_seconds", []))
+            print(f"{block['steps']:>6}  {name:<20}{r['nfe']:>6}{r['nfe_per_sample']:>9.1f}{r['gen_ppl']:>9.2f}"
+                  f"{r['entropy']:>9.3f}{sec:>10.2f}{_fmt(ratio, '.2f'):>11}  {per}")
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -149,6 +199,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
     p.add_argument("--time-reps", type=int, default=0,
                    help="extra interleaved ancestral / cached timings at the largest T (median reported); 0 = the table's pair")
+    p.add_argument("--pairs", type=int, default=0, help="rounds of paired, interleaved timing vs the peer (0 = none)")
+    p.add_argument("--pair-steps", type=int, nargs="+", default=[32, 128], help="T of the paired timing")
+    p.add_argument("--pair-samplers", nargs="+", default=["dfm", "confidence"], help="genlab samplers timed vs the peer")
+    p.add_argument("--only-pairs", action="store_true", help="skip the table: the paired timing only")
     p.add_argument("--loop-steps", type=int, nargs="*", default=[256], help="T of the remdm loop rows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -169,6 +223,19 @@ def main(argv: list[str] | None = None) -> dict:
         model.to(a.device)
         judge.to(a.device)
         length = cfg.data.seq_len
+        if a.only_pairs:
+            with torch.no_grad():
+                peer_pairs = paired_timing(model, cfg, tok, judge, a.pair_steps, a.pair_samplers, max(a.pairs, 1), n,
+                                      length, a.seed)
+            print(f"shakespeare-char MDLM ({run}) judged by its AR baseline ({judge_run}); {n} samples x {length} "
+                  f"tokens, {a.threads} threads, device {a.device}, torch {torch.__version__}; entropy in nats")
+            print_pairs(peer_pairs)
+            results = {"settings": {"num_samples": n, "length": length, "seed": a.seed, "threads": a.threads,
+                                    "device": a.device, "torch": torch.__version__}, "pairs": peer_pairs}
+            if a.out:
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(json.dumps(results, indent=2))
+            return results
         training = {"mdlm": train_stats(run), "ar": train_stats(judge_run)}
         plan = [(name, name, {}, T) for name in SAMPLERS for T in steps
                 if name != "semi_ar" or math.ceil(length / SEMI_AR_BLOCK) * T <= steps[-1]]
@@ -192,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens, nfe, sec = peer_draw(model, cfg, tok, T, n, length, a.seed)
                 rows.append({"sampler": "peer flow_matching", "steps": T, "nfe": nfe, "nfe_per_sample": nfe,
                              "seconds": sec, **judge_row(tokens, judge)})
+            peer_pairs = paired_timing(model, cfg, tok, judge, a.pair_steps, a.pair_samplers, a.pairs, n, length,
+                                  a.seed) if a.pairs else []
     print(f"shakespeare-char MDLM ({run}) judged by its AR baseline ({judge_run}); {n} samples x {length} tokens, "
           f"{a.threads} threads, device {a.device}, torch {torch.__version__}; entropy in nats")
     print_table(rows + [reference])
@@ -238,13 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{T:>6}{r['ppl_peer_over_dfm']:>14.3f}{r['seconds_peer_over_dfm']:>12.2f}"
               f"{best['sampler'] + ' T=' + _fmt(best['steps'], 'd'):>24}{r['ppl_peer_over_best']:>15.3f}"
               f"{r['seconds_peer_over_best']:>13.2f}")
+    if peer_pairs:
+        print_pairs(peer_pairs)
     import flow_matching
 
     results = {"settings": {"steps": list(steps), "num_samples": n, "length": length, "seed": a.seed,
                             "threads": a.threads, "device": a.device, "quick": a.quick, "torch": torch.__version__,
                             "flow_matching": getattr(flow_matching, "__version__", "1.0.10")},
                "rows": rows, "reference": reference, "cached_vs_ancestral": cached, "training": training,
-               "cheap_match": best_cheap, "peer_ratios": ratios}
+               "cheap_match": best_cheap, "peer_ratios": ratios, "pairs": peer_pairs}
     assert all(math.isfinite(r["gen_ppl"]) and math.isfinite(r["entropy"]) for r in rows)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

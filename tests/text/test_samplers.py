@@ -377,3 +377,49 @@ def test_bad_arguments_name_the_problem():
         _run(Table(4), x, "semi_ar", block_size=0)
     with pytest.raises(ValueError, match="mask_id"):
         sample_tokens(Table(4), torch.full((2, 4), 3), mask_id=3, schedule=LogLinearSchedule(), steps=2)
+
+
+def _dfm_full_vocabulary(den, x, steps, eta, schedule, seed):
+    """dfm as first written: a call on the whole batch at every step with a masked token, a token
+    drawn at every position (inverse CDF of softmax), then the jumps applied; the same uniforms."""
+    g = torch.Generator().manual_seed(seed)
+    free, x = x == MASK, x.clone()
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    for k in range(steps):
+        t, h = grid[k], grid[k] - grid[k + 1]
+        u_jump, u_tok = torch.rand(x.shape, generator=g), torch.rand(x.shape, generator=g)
+        masked = (x == MASK) & free
+        tt = torch.tensor(t, dtype=torch.float64)
+        a, da = float(schedule.alpha(tt)), float(schedule.d_alpha(tt))
+        last = k == steps - 1
+        p_unmask = 1.0 if last else 1.0 - math.exp(-h * (-da + eta * a) / (1.0 - a))
+        p_remask = 0.0 if last else 1.0 - math.exp(-h * eta)
+        decoded = free & ~masked
+        if masked.any():
+            cdf = den(x, torch.full((x.shape[0],), t)).float().softmax(-1).cumsum(-1)
+            tok = (cdf <= (u_tok * cdf[..., -1])[..., None]).sum(-1).clamp(max=V - 1)
+            x = torch.where(masked & (u_jump < p_unmask), tok, x)
+        x = torch.where(decoded & (u_jump < p_remask), torch.full_like(x, MASK), x)
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 2.0])
+def test_dfm_draws_only_where_it_jumps_and_keeps_the_full_vocabulary_samples(eta):
+    """The jumps are decided before the call, the call is made on the rows that decode a token and
+    a token drawn only where one decodes: the same tokens, for the same seed, as drawing every
+    position from a whole-batch call (for a denoiser whose rows do not depend on each other)."""
+    x0, _ = _prompted(B=8, L=12)
+    for sched in (LogLinearSchedule(), CosineMasking()):
+        for steps in (3, 40):
+            want = _dfm_full_vocabulary(Contextual(), x0, steps, eta, sched, seed=4)
+            got = _run(Contextual(), x0, "dfm", steps=steps, seed=4, eta=eta, schedule=sched)
+            assert torch.equal(got.tokens, want)
+    # each call is on exactly the rows that decode a token at its step; a step with none makes no call
+    B, L, steps = 6, 5, 40
+    den = Table(L)
+    out = _run(den, torch.full((B, L), MASK), "dfm", steps=steps, eta=eta, return_trajectory=True)
+    states = [torch.full((B, L), MASK)] + out.trajectory
+    decoding = [int(((p == MASK) & (q != MASK)).any(1).sum()) for p, q in zip(states[:-1], states[1:])]
+    assert [len(m) for m, _ in den.log] == [d for d in decoding if d]
+    assert out.nfe == den.calls == sum(d > 0 for d in decoding) < steps
+    assert out.row_evals == sum(decoding)

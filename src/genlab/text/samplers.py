@@ -19,13 +19,17 @@ A categorical draw is an inverse-CDF lookup of one uniform number per position. 
 positions unmask at a step does not depend on the denoiser, so each position's unmasking step
 (one uniform) and its token's uniform are drawn first; the denoiser is then needed only for the
 tokens to draw. ``cached`` skips every call whose output no draw would use, and reproduces
-``ancestral`` token for token for any denoiser whose rows do not depend on each other.
+``ancestral`` token for token for any denoiser whose rows do not depend on each other. ``dfm`` and
+``remdm`` decide each step's jumps the same way (one uniform per position) before the call, make
+the call on the rows that decode a token only, and read the vocabulary (temperature, top-p, the
+inverse CDF) only at the positions that decode; ``confidence`` only at the masked positions.
 
 NFE per sampler: ancestral = ``steps``; cached = the steps at which some token unmasks, each call
 on the rows that unmask a token (with L tokens a row gets at most L evaluations, whatever
 ``steps``); first_hitting = min(``steps``, the largest number of free positions in a row);
-confidence, dfm, remdm = the steps that had something to do (a masked token); semi_ar = the sum
-over its blocks.
+confidence = the steps that had something to do (a masked token); dfm, remdm = the steps at
+which some token is decoded, each call on the rows that decode one; semi_ar = the sum over its
+blocks.
 """
 
 from __future__ import annotations
@@ -118,6 +122,22 @@ def _draw(probs: Tensor, u: Tensor) -> Tensor:
     cdf = probs.cumsum(-1)  # (..., V)
     v = (u * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
     return (cdf <= v).sum(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _decode(ctx: _Ctx, x: Tensor, now: Tensor, u_tok: Tensor, t: float) -> tuple[Tensor, Tensor] | None:
+    """Draw the tokens of the positions ``now`` (B, L) bool in place in ``x``, each with its uniform
+    of ``u_tok`` (B, L): one call at time ``t`` on the rows that have such a position (none, and no
+    call, when there is none), the vocabulary read only at those n positions. Returns (probs (n, V),
+    tokens (n,)) in row-major order of ``now``, or None. The rows a call skips would not have been
+    read: exact for any denoiser whose rows do not depend on each other."""
+    rows = now.any(1).nonzero()[:, 0]  # (b,) ascending, so sub[sub_now] is x[now]'s order
+    if rows.numel() == 0:
+        return None
+    sub_now = now[rows]  # (b, L)
+    probs = ctx.probs(ctx.logits(x[rows], t)[sub_now])  # (n, V)
+    tok = _draw(probs, u_tok[now])  # (n,)
+    x[now] = tok
+    return probs, tok
 
 
 def _grid(steps: int) -> list[float]:
@@ -274,13 +294,16 @@ def _confidence_core(ctx, x, active, schedule, steps, threshold, score):
         if not (kk.any() or (threshold is not None and m.any())):
             ctx.record(x)
             continue
-        logits = ctx.logits(x, grid[k])
-        probs = ctx.probs(logits)  # (B, L, V)
-        tok = _draw(probs, u_tok)  # (B, L)
+        logits = ctx.logits(x, grid[k])[masked]  # (n, V): only the masked positions are read
+        probs = ctx.probs(logits)  # (n, V)
+        tok_m = _draw(probs, u_tok[masked])  # (n,)
         if ctx.temperature == 0:  # greedy draws are one-hot: rank by the model's own softmax
             probs = logits.softmax(-1)
-        conf = probs.max(-1).values if score == "max_prob" else probs.gather(-1, tok[..., None])[..., 0]
-        conf = conf.masked_fill(~masked, -1.0)  # (B, L)
+        conf_m = probs.max(-1).values if score == "max_prob" else probs.gather(-1, tok_m[:, None])[:, 0]
+        conf = torch.full((ctx.B, ctx.L), -1.0, device=x.device)
+        conf[masked] = conf_m  # (B, L), -1 where nothing is masked
+        tok = x.clone()
+        tok[masked] = tok_m  # (B, L)
         if threshold is not None:
             kk = torch.maximum(kk, (conf > threshold).sum(1))
             kk = torch.maximum(kk, (m > 0).long())  # at least one per step
@@ -336,24 +359,27 @@ def _dfm(ctx, x, free, schedule, steps, eta: float = 0.0):
     (-alpha'(t) + eta alpha(t)) / (1 - alpha(t)) (the decoded token drawn from p(x_0 | x_t)),
     decoded -> masked eta (the detailed-balance term; eta = 0 is the plain rate). A jump over a
     step of length h happens with probability 1 - exp(-h rate); the last step decodes every
-    masked token and remasks none."""
+    masked token and remasks none.
+
+    Which positions jump does not depend on the denoiser (one uniform per position, drawn with
+    its token's uniform before the call): the call is made on the rows where a masked token
+    decodes, none at a step where none does, and a token is drawn only where one decodes."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     grid = _grid(steps)
+    tg = torch.tensor(grid[:-1], dtype=torch.float64)
+    alphas, d_alphas = schedule.alpha(tg).tolist(), schedule.d_alpha(tg).tolist()
     for k in range(steps):
-        t, h = grid[k], grid[k] - grid[k + 1]
+        t, h, a, da = grid[k], grid[k] - grid[k + 1], alphas[k], d_alphas[k]
         u_jump, u_tok = ctx.rand(ctx.B, ctx.L), ctx.rand(ctx.B, ctx.L)
         masked = (x == ctx.mask_id) & free
-        tt = torch.tensor(t, dtype=torch.float64)
-        a, da = float(schedule.alpha(tt)), float(schedule.d_alpha(tt))
         last = k == steps - 1
         p_unmask = 1.0 if last else 1.0 - math.exp(-h * (-da + eta * a) / (1.0 - a))
         p_remask = 0.0 if last else 1.0 - math.exp(-h * eta)
-        decoded = free & ~masked
-        if masked.any():  # a call only when something can be decoded; remasking needs none
-            tok = _draw(ctx.probs(ctx.logits(x, t)), u_tok)
-            x = torch.where(masked & (u_jump < p_unmask), tok, x)
-        x = torch.where(decoded & (u_jump < p_remask), torch.full_like(x, ctx.mask_id), x)
+        remask = free & ~masked & (u_jump < p_remask)  # decoded -> masked: needs no call
+        _decode(ctx, x, masked & (u_jump < p_unmask), u_tok, t)  # masked -> decoded
+        if p_remask > 0:
+            x.masked_fill_(remask, ctx.mask_id)
         ctx.record(x)
     return x
 
@@ -396,7 +422,8 @@ def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "
       alpha_on 0.9 by default).
 
     The last step (alpha_s = 1) has sigma_t = 0 and decodes everything: no mask is left. A step
-    with no masked token left makes no call."""
+    at which no token decodes makes no call; a call is made on the rows that decode one (the jumps
+    are decided before it, as in ``dfm``)."""
     if strategy not in REMDM_STRATEGIES:
         raise ValueError(f"remdm strategy must be one of {', '.join(REMDM_STRATEGIES)}, got {strategy!r}")
     if not 0.0 <= sigma <= 1.0:
@@ -425,14 +452,13 @@ def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "
             sig_pos = (sig * decoded.sum(1, keepdim=True) * w).clamp(max=s_max)
         else:
             sig_pos = sig
-        if masked.any():  # a call only when something can be decoded; remasking needs none
-            probs = ctx.probs(ctx.logits(x, grid[k]))  # (B, L, V)
-            tok = _draw(probs, u_tok)
-            now = masked & (u_jump >= stay)
-            x = torch.where(now, tok, x)
-            if strategy == "conf":
-                psi = torch.where(now, probs.gather(-1, tok[..., None])[..., 0], psi)
-        x = torch.where(decoded & (u_jump < sig_pos), torch.full_like(x, ctx.mask_id), x)
+        remask = decoded & (u_jump < sig_pos)  # needs no call
+        now = masked & (u_jump >= stay)  # the positions decoded at this step, decided before the call
+        drawn = _decode(ctx, x, now, u_tok, grid[k])  # a call on the rows with one, if any
+        if strategy == "conf" and drawn is not None:
+            probs, tok = drawn
+            psi[now] = probs.gather(-1, tok[:, None])[:, 0]
+        x.masked_fill_(remask, ctx.mask_id)
         ctx.record(x)
     return x
 
@@ -484,7 +510,6 @@ def sample_tokens(denoiser: Denoiser, x_init: Tensor, *, mask_id: int, schedule:
         x = fn(ctx, x, free, schedule, steps, **options)
         left = x == mask_id
         if left.any():  # only for a schedule with alpha(0) < 1: one last denoising call
-            tok = _draw(ctx.probs(ctx.logits(x, 0.0)), ctx.rand(ctx.B, ctx.L))
-            x = torch.where(left, tok, x)
+            _decode(ctx, x, left, ctx.rand(ctx.B, ctx.L), 0.0)
             ctx.record(x)
     return SampleOutput(tokens=x, nfe=ctx.nfe, trajectory=ctx.trajectory, row_evals=ctx.row_evals)
