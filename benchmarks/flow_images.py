@@ -198,7 +198,7 @@ def format_throughput(res: dict, peak_tflops: float) -> str:
 def quality(args) -> dict:
     """The digits figures: train the flow/digits, flow/digits-meanflow and (after flow/vqvae-digits)
     flow/digits-latent presets into ``--runs``, evaluate each, print accuracy per CFG scale, the
-    NFE table and the training minutes. Runs already finished there are evaluated, not retrained."""
+    NFE table and the training minutes. Runs already finished there are read (their eval.json), not retrained."""
     from dataclasses import replace
 
     from genlab.config import load_config
@@ -211,10 +211,12 @@ def quality(args) -> dict:
     steps = {"train.steps": 20} if args.quick else {}
     results: dict = {}
 
-    def timed(fn, cfg) -> tuple[Path, float]:
+    def timed(fn, cfg) -> tuple[Path, float | None]:
+        """Train (or finish) the run; the minutes when it trained here, None when it had finished."""
+        done = (Path(cfg.run_dir) / "eval.json").is_file()
         t0 = time.perf_counter()
         run = fn(cfg, resume=(Path(cfg.run_dir) / "config.yaml").is_file())
-        return run, time.perf_counter() - t0
+        return run, None if done else time.perf_counter() - t0
 
     def tiny(cfg):
         if not args.quick:
@@ -233,11 +235,11 @@ def quality(args) -> dict:
         cfg = replace(cfg, train=replace(cfg.train, threads=args.threads, progress=not args.quick))
         if cfg.latent.vqvae:
             vq_run, vq_secs = timed(train_vqvae, vq_cfg)
-            results["vqvae_minutes"] = round(vq_secs / 60, 2)
+            results["vqvae_minutes"] = vq_secs and round(vq_secs / 60, 2)
             cfg = replace(cfg, latent=replace(cfg.latent, vqvae=str(vq_run)))
         run, secs = timed(train_images, cfg)
         report = json.loads((run / "eval.json").read_text())
-        results[name] = {"minutes": round(secs / 60, 2), "by_cfg_scale": report["by_cfg_scale"],
+        results[name] = {"minutes": secs and round(secs / 60, 2), "by_cfg_scale": report["by_cfg_scale"],
                          "nfe_table": report["nfe_table"], "classifier_fd": report["classifier_fd"],
                          "classifier_test_accuracy": report["classifier"]["test_accuracy"]}
     print(format_quality(results))
@@ -249,7 +251,8 @@ def format_quality(res: dict) -> str:
     for name in ("digits", "digits-meanflow", "digits-latent"):
         r = res[name]
         accs = "  ".join(f"{x['cfg_scale']:g}: {x['accuracy']:.3f}" for x in r["by_cfg_scale"])
-        lines.append(f"{name:<16} {r['minutes']:>7.2f}  {accs:<40} {r['classifier_fd']:.3f}")
+        minutes = "earlier" if r["minutes"] is None else f"{r['minutes']:.2f}"
+        lines.append(f"{name:<16} {minutes:>7}  {accs:<40} {r['classifier_fd']:.3f}")
     lines.append("NFE table (forwards per image, class accuracy, classifier FD):")
     for name in ("digits", "digits-meanflow", "digits-latent"):
         for x in res[name]["nfe_table"]:

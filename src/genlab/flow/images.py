@@ -19,7 +19,7 @@ from typing import Iterable, Literal
 import torch
 from torch.utils.data import Dataset
 
-from genlab.config import Check, non_negative, positive
+from genlab.config import Check, ConfigError, non_negative, positive
 from genlab.data.images import ImageDataConfig, ImageDataset, ImageSet, load_images, random_hflip, to_uint8
 from genlab.eval.classifier import ClassifierConfig
 from genlab.flow.models.dit import DiT, DiTConfig, drop_labels
@@ -104,13 +104,13 @@ class ImageFlowConfig:
     model: DiTConfig = field(default_factory=lambda: DiTConfig(hidden=64, depth=4, heads=4, patch=2))
     objective: ImageObjective = field(default_factory=ImageObjective)
     latent: LatentConfig = field(default_factory=LatentConfig)
-    sampling: ImageSampling = field(default_factory=lambda: ImageSampling(grid_every=500))
+    sampling: ImageSampling = field(default_factory=lambda: ImageSampling(grid_every=400))
     eval: ImageEval = field(default_factory=lambda: ImageEval(
         cfg_scales=(0.0, 1.0, 3.0), samples_per_class=20, nfes=(1, 4, 16, 50), solvers=("euler",), fd_samples=200,
     ))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1500, batch_size=128, lr=1e-3, warmup_steps=100, ema_decay=0.9999, grad_clip=1.0,
-        checkpoint_every=500, log_every=50, threads=1,
+        steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, ema_decay=0.9999, grad_clip=1.0,
+        checkpoint_every=400, log_every=50, threads=1,
     ))
 
 
@@ -175,6 +175,9 @@ def build_model(cfg: ImageFlowConfig, shape: tuple[int, int, int], num_classes: 
     c, h, w = shape
     if h != w:
         raise ValueError(f"the DiT takes square inputs; these are {h}x{w}")
+    if h % cfg.model.patch:
+        raise ConfigError(f"--model.patch={cfg.model.patch}: must divide the {'latent' if cfg.latent.vqvae else 'image'} "
+                          f"side {h}")
     model_cfg = cfg.model
     if cfg.objective.kind == "meanflow" and not model_cfg.interval_input:
         from dataclasses import replace
