@@ -30,11 +30,16 @@ def _workers():
     return [t for t in threading.enumerate() if t.name == "genlab-ot-pairing"]
 
 
+DEPTHS = [(1, 1), (2, 1), (2, 2), (3, 2)]  # (batches in flight, worker threads)
+
+
+@pytest.mark.parametrize("depth,workers", DEPTHS)
 @pytest.mark.parametrize("method,chunk", [("exact", 0), ("exact", 16), ("sinkhorn", 0)])
-def test_batches_are_the_in_step_pairing(method, chunk):
+def test_batches_are_the_in_step_pairing(method, chunk, depth, workers):
     plain = LabelledToy("8gaussians", "moons", seed=3)
-    with OTPairedSource(LabelledToy("8gaussians", "moons", seed=3), method, chunk=chunk) as paired:
-        for n in (64, 64, 48, 64):  # a change of batch size drops the prefetched batch and re-draws
+    with OTPairedSource(LabelledToy("8gaussians", "moons", seed=3), method, chunk=chunk, depth=depth,
+                        workers=workers) as paired:
+        for n in (64, 64, 64, 48, 64, 64, 32):  # a change of batch size drops the prefetched batches
             want = plain.next_batch(n)
             got = paired.next_batch(n)
             step = chunk or n
@@ -50,23 +55,33 @@ def test_batches_are_the_in_step_pairing(method, chunk):
 def test_pair_rows_refuses_nothing_to_pair():
     with pytest.raises(ValueError, match="exact"):
         OTPairedSource(Toy2DSource("normal", "moons", seed=0), "none")
+    for depth, workers in [(0, 1), (2, 0), (2, 3)]:
+        with pytest.raises(ValueError, match="depth"):
+            OTPairedSource(Toy2DSource("normal", "moons", seed=0), depth=depth, workers=workers)
     batch = Toy2DSource("normal", "moons", seed=0).next_batch(8)
     assert torch.equal(pair_rows(batch, chunk=100)["x1"], pair_rows(batch)["x1"])  # chunk >= n: one chunk
 
 
-def test_state_dict_is_the_state_before_the_prefetched_batch():
+@pytest.mark.parametrize("depth,workers", DEPTHS)
+def test_state_dict_is_the_state_before_the_oldest_prefetched_batch(depth, workers):
     plain = Toy2DSource("8gaussians", "moons", seed=1)
-    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=1)) as paired:
+    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=1), depth=depth, workers=workers) as paired:
         assert torch.equal(paired.state_dict()["generator"], plain.state_dict()["generator"])
         for _ in range(3):
             paired.next_batch(32), plain.next_batch(32)
             assert torch.equal(paired.state_dict()["generator"], plain.state_dict()["generator"])
         state = paired.state_dict()
-        after = paired.next_batch(32)
+        after = [paired.next_batch(32) for _ in range(depth + 1)]
         paired.next_batch(32)
-        paired.load_state_dict(state)  # back in time, with a batch in flight
-        again = paired.next_batch(32)
-    assert torch.equal(after["x1"], again["x1"]) and torch.equal(after["x0"], again["x0"])
+        paired.load_state_dict(state)  # back in time, with depth batches in flight
+        again = [paired.next_batch(32) for _ in range(depth + 1)]
+        paired.next_batch(16)  # a new size: the prefetched batches of 32 are dropped, the source put back
+        plain.load_state_dict(state)
+        for n in [32] * (depth + 1) + [16]:
+            plain.next_batch(n)
+        assert torch.equal(paired.state_dict()["generator"], plain.state_dict()["generator"])
+    for a, b in zip(after, again):
+        assert torch.equal(a["x1"], b["x1"]) and torch.equal(a["x0"], b["x0"])
 
 
 def _cfg(run_dir, steps=12, **train):
@@ -90,11 +105,12 @@ def _assert_same_weights(a, b):
             assert torch.equal(x[k], y[k]), k
 
 
-@pytest.mark.parametrize("micro", [0, 16])
-def test_trainer_with_paired_source_equals_in_step_pairing(tmp_path, micro):
+@pytest.mark.parametrize("micro,depth,workers", [(0, 1, 1), (16, 1, 1), (0, 2, 1), (16, 2, 2)])
+def test_trainer_with_paired_source_equals_in_step_pairing(tmp_path, micro, depth, workers):
     in_step = _fit(_cfg(tmp_path / "a", micro_batch_size=micro), Toy2DSource("8gaussians", "moons", seed=0), False)
     in_step.fit()
-    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=0), chunk=micro) as data:
+    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=0), chunk=micro, depth=depth,
+                        workers=workers) as data:
         piped = _fit(_cfg(tmp_path / "b", micro_batch_size=micro), data, True)
         piped.fit()
     _assert_same_weights(in_step, piped)
@@ -104,8 +120,12 @@ class Interrupt(Exception):
     pass
 
 
-def test_exact_resume_through_the_trainer(tmp_path):
-    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=0)) as data:
+@pytest.mark.parametrize("depth,workers", DEPTHS)
+def test_exact_resume_through_the_trainer(tmp_path, depth, workers):
+    def source(seed):
+        return OTPairedSource(Toy2DSource("8gaussians", "moons", seed=seed), depth=depth, workers=workers)
+
+    with source(0) as data:
         straight = _fit(_cfg(tmp_path / "full"), data, True)
         straight.fit()
 
@@ -113,32 +133,33 @@ def test_exact_resume_through_the_trainer(tmp_path):
         if step == 10:
             raise Interrupt()
 
-    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=0)) as data:
+    with source(0) as data:
         cut = _fit(_cfg(tmp_path / "cut"), data, True, callbacks=[die_at_10])
         with pytest.raises(Interrupt):
-            cut.fit()  # the last checkpoint is step 8, taken with batch 9 already in flight
+            cut.fit()  # the last checkpoint is step 8, taken with batches 9 .. 8 + depth in flight
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step_00000008"
-    with OTPairedSource(Toy2DSource("8gaussians", "moons", seed=5)) as data:  # another seed: resume restores it
+    with source(5) as data:  # another seed: resume restores it
         resumed = _fit(_cfg(tmp_path / "cut"), data, True, seed=999, resume=True)
         assert resumed.step == 8
         resumed.fit()
     _assert_same_weights(straight, resumed)
 
 
-def test_close_stops_the_thread_and_errors_reach_the_caller():
+@pytest.mark.parametrize("depth,workers", DEPTHS)
+def test_close_stops_the_threads_and_errors_reach_the_caller(depth, workers):
     before = len(_workers())
-    paired = OTPairedSource(Toy2DSource("normal", "moons", seed=0))
-    paired.next_batch(16)  # leaves a batch in flight
-    assert len(_workers()) == before + 1
+    paired = OTPairedSource(Toy2DSource("normal", "moons", seed=0), depth=depth, workers=workers)
+    paired.next_batch(16)  # leaves depth batches in flight
+    assert len(_workers()) == before + workers
     state = paired.state_dict()
     paired.close()
     paired.close()  # idempotent
     assert paired.closed and len(_workers()) == before
-    assert torch.equal(paired.state_dict()["generator"], state["generator"])  # the batch in flight is dropped
+    assert torch.equal(paired.state_dict()["generator"], state["generator"])  # the batches in flight are dropped
     with pytest.raises(RuntimeError, match="after close"):
         paired.next_batch(16)
 
-    OTPairedSource(Toy2DSource("normal", "moons", seed=0)).next_batch(16)  # dropped unclosed
+    OTPairedSource(Toy2DSource("normal", "moons", seed=0), depth=depth, workers=workers).next_batch(16)  # unclosed
     gc.collect()
     assert len(_workers()) == before
 
@@ -146,7 +167,25 @@ def test_close_stops_the_thread_and_errors_reach_the_caller():
         def next_batch(self, n):
             raise OSError("disk gone")
 
-    with OTPairedSource(Broken("normal", "moons", seed=0)) as paired:
+    with OTPairedSource(Broken("normal", "moons", seed=0), depth=depth, workers=workers) as paired:
         with pytest.raises(OSError, match="disk gone"):
             paired.next_batch(16)
     assert len(_workers()) == before
+
+    class FailsOnce(Toy2DSource):  # the third draw fails; the batches drawn after it are redone in order
+        calls = 0
+
+        def next_batch(self, n):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 3:
+                raise OSError("flaky")
+            return super().next_batch(n)
+
+    plain = Toy2DSource("normal", "moons", seed=0)
+    with OTPairedSource(FailsOnce("normal", "moons", seed=0), depth=depth, workers=workers) as paired:
+        got = [paired.next_batch(16) for _ in range(2)]
+        with pytest.raises(OSError, match="flaky"):
+            paired.next_batch(16)
+        got += [paired.next_batch(16) for _ in range(3)]
+    for batch in got:
+        assert torch.equal(batch["x0"], plain.next_batch(16)["x0"])
