@@ -134,7 +134,7 @@ class Space:
     """Pixels, or the latents of a VQ-VAE scaled to unit variance; ``decode`` maps model samples to
     uint8 images either way."""
 
-    def __init__(self, cfg: ImageFlowConfig, run_dir: Path, train_set: ImageSet):
+    def __init__(self, cfg: ImageFlowConfig, run_dir: Path, train_set: ImageSet, reuse_stats: bool = True):
         self.vqvae = None
         self.shape = train_set.shape  # (C, H, W) of what the model generates
         if cfg.latent.vqvae:
@@ -142,7 +142,7 @@ class Space:
 
             self.vqvae, _ = load_vqvae(cfg.latent.vqvae)
             stats = run_dir / "latent_stats.json"
-            if stats.is_file():  # fixed once per run, so a resumed run and `flow sample` scale alike
+            if reuse_stats and stats.is_file():  # fixed once per run: a resumed run and `flow sample` scale alike
                 s = read_json(stats)
                 self.mean, self.std = s["mean"], s["std"]
             else:
@@ -213,7 +213,7 @@ def train(cfg: ImageFlowConfig, resume: bool = False, overwrite: bool = False) -
     if run.finished:
         return run.dir
     train_set = load_images(cfg.data, "train")
-    space = Space(cfg, run.dir, train_set)
+    space = Space(cfg, run.dir, train_set, reuse_stats=resume)  # a fresh run never reads an old run's file
     model = build_model(cfg, space.shape, train_set.num_classes)
     data = MapDataSource(space.dataset(cfg, train_set), seed=cfg.train.seed, rank=run.dist.rank,
                          world_size=run.dist.world_size)
