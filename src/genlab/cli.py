@@ -89,6 +89,10 @@ def run_train(family: str, name: str, cmd: Command, args: list[str]) -> None:
     if "-h" in args or "--help" in args:  # tyro lists the config's fields; these come first
         presets = ", ".join(p for p in preset_names() if p.startswith(f"{family}/")) or "none shipped"
         print(RUN_FLAGS.format(presets=presets))
+        if cmd.recipes:
+            names = ", ".join(name for name, _, _ in cmd.recipes)
+            print(f"  --recipe NAME      which recipe ({names}); a preset names its own with `recipe:`; the\n"
+                  f"                     fields below are the chosen recipe's (default: {cmd.recipes[0][0]})\n")
     preset = None
     if resume is not None:
         for bad in ("--run-dir", "--config"):
