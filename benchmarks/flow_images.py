@@ -208,7 +208,6 @@ def quality(args) -> dict:
     from genlab.flow.vqvae import train as train_vqvae
 
     runs = Path(args.runs)
-    steps = {"train.steps": 20} if args.quick else {}
     results: dict = {}
 
     def timed(fn, cfg) -> tuple[Path, float | None]:

@@ -240,3 +240,12 @@ def describe(c: Corpus) -> dict[str, Any]:
     """Sizes of a corpus for reports: documents and characters per split."""
     return {"where": c.where, "train_documents": len(c.train), "val_documents": len(c.val),
             "train_chars": count_chars(c.train), "val_chars": count_chars(c.val), "val_names": c.val_names}
+
+
+def encode_text(tok, text: str, kind: str) -> np.ndarray:
+    """Token ids (N,) int64 of ``text`` with a trained ``tokenizers.Tokenizer``: ``kind`` "char" goes
+    through the vectorised character table (``encode_chars``), "bpe" through the tokenizer line by line."""
+    if kind == "char":
+        return encode_chars(text, tok.get_vocab(), tok.token_to_id("<unk>"))
+    lines = text.splitlines(keepends=True)
+    return np.fromiter((i for e in tok.encode_batch(lines) for i in e.ids), dtype=np.int64)

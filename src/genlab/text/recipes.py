@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -22,8 +21,9 @@ import torch
 
 from genlab.config import Check, load_config, positive, seed_check, validate
 from genlab.data import text as textdata
-from genlab.data.tokenizers import SPECIAL_TOKENS, load_tokenizer_file, save_tokenizer, train_bpe_tokenizer, train_char_tokenizer
+from genlab.data.tokenizers import load_tokenizer_file, save_tokenizer, train_bpe_tokenizer, train_char_tokenizer
 from genlab.errors import ConfigError
+from genlab.text.generation import generate
 from genlab.text.models import TextTransformer, TextTransformerConfig
 from genlab.text.objective import SCHEDULES, ar_loss, ar_nll, ar_inputs, bits, make_schedule, mdlm_loss
 from genlab.train.checkpoint import checkpoint_step, latest_checkpoint, load_weights
@@ -142,22 +142,14 @@ def build_tokenizer(cfg: TextConfig, corpus: textdata.Corpus):
     return train_bpe_tokenizer(corpus.train, cfg.tokenizer.vocab_size)
 
 
-def encode(tok, text: str, kind: str) -> np.ndarray:
-    """Token ids (N,) int64 of ``text``."""
-    if kind == "char":
-        return textdata.encode_chars(text, tok.get_vocab(), tok.token_to_id("<unk>"))
-    lines = text.splitlines(keepends=True)
-    return np.fromiter((i for e in tok.encode_batch(lines) for i in e.ids), dtype=np.int64)
-
-
 def build_data(cfg: TextConfig) -> BuiltData:
     """Corpus -> tokenizer -> token streams of both splits; every data error is raised here."""
     d = cfg.data
     corpus = textdata.load_corpus(d.source, d.path, d.edition, d.val_fraction, d.split_seed)
     tok = build_tokenizer(cfg, corpus)
-    train_ids = encode(tok, corpus.stream("train"), cfg.tokenizer.kind)
+    train_ids = textdata.encode_text(tok, corpus.stream("train"), cfg.tokenizer.kind)
     val_text = corpus.stream("val")
-    val_ids = encode(tok, val_text, cfg.tokenizer.kind)
+    val_ids = textdata.encode_text(tok, val_text, cfg.tokenizer.kind)
     textdata.check_length(len(train_ids), d.seq_len, "train", corpus.where)
     textdata.check_length(len(val_ids), d.seq_len, "val", corpus.where)
     info = textdata.describe(corpus) | {"train_tokens": len(train_ids), "val_tokens": len(val_ids)}
@@ -224,61 +216,6 @@ def figures(nats_per_token: float, cfg: TextConfig, chars_per_token: float) -> d
     if cfg.tokenizer.kind == "bpe":
         out["perplexity_per_token"] = math.exp(nats_per_token)
     return out
-
-
-@torch.no_grad()
-def ar_generate(model, x_init: torch.Tensor, prefix_len: int, bos_id: int, temperature: float = 1.0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Left-to-right sampling with the causal model (``model(x) -> logits``): keep x_init[:, :prefix_len],
-    draw the rest; ``bos_id`` (the mask id) starts every input, as in training."""
-    from genlab.nn.sampling import select_next
-
-    x = x_init.clone()
-    bos = torch.full_like(x[:, :1], bos_id)
-    for pos in range(prefix_len, x.shape[1]):
-        logits = model(torch.cat([bos, x[:, :pos]], dim=1))[:, -1].float()  # (B, V)
-        x[:, pos] = select_next(logits, True, temperature, 0, top_p, generator).to(x.device)
-    return x
-
-
-def generate(model: TextTransformer, cfg: TextConfig, tok, n: int, length: int, sampler: str, steps: int,
-             prefix: str = "", seed: int = 0, temperature: float = 1.0, top_p: float = 1.0) -> list[dict]:
-    """``n`` samples of ``length`` tokens (``prefix`` fixed first), one record each: text, sampler,
-    steps, nfe, seconds (the batch's wall time shared out over its samples)."""
-    device = next(model.parameters()).device
-    ids = encode(tok, prefix, cfg.tokenizer.kind).tolist() if prefix else []
-    if cfg.tokenizer.kind == "char":
-        unknown = sorted(set(prefix) - set(tok.get_vocab()))
-        if unknown:
-            raise ConfigError(f"--prefix: {''.join(unknown)!r} not in the run's character vocabulary (the model "
-                              f"never saw them)")
-    if len(ids) >= length:
-        raise ConfigError(f"--prefix: {len(ids)} tokens leave nothing to sample in --length {length}")
-    mask_id = cfg.model.vocab_size
-    x_init = torch.full((n, length), mask_id, dtype=torch.long, device=device)
-    if ids:
-        x_init[:, :len(ids)] = torch.tensor(ids, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    # The tokenizer's special tokens never occur in the training text: never sample them either.
-    banned = torch.tensor([i for i in map(tok.token_to_id, SPECIAL_TOKENS) if i is not None], device=device)
-
-    def denoiser(x, t=None):
-        return model(x, t).index_fill(-1, banned, -math.inf)  # (B, L, V)
-
-    start = time.perf_counter()
-    if cfg.model.causal:
-        tokens, nfe, sampler, steps = ar_generate(denoiser, x_init, len(ids), mask_id, temperature, top_p, g), \
-            length - len(ids), "autoregressive", length - len(ids)
-    else:
-        from genlab.text.samplers import sample_tokens
-
-        schedule = make_schedule(cfg.objective.schedule, cfg.objective.schedule_eps)
-        out = sample_tokens(denoiser, x_init, mask_id=mask_id, schedule=schedule, steps=steps,
-                            sampler=sampler, generator=g, temperature=temperature, top_p=top_p)
-        tokens, nfe = out.tokens, out.nfe
-    seconds = (time.perf_counter() - start) / n
-    return [{"text": tok.decode(row.tolist(), skip_special_tokens=False), "sampler": sampler, "steps": steps,
-             "nfe": int(nfe), "seconds": seconds} for row in tokens.cpu()]
 
 
 # ----------------------------------------------------------------------------- train

@@ -36,137 +36,24 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from genlab.math.schedules import Schedule
-from genlab.nn.sampling import filter_logits
+from genlab.text.sampler_core import (Denoiser, SampleOutput, SamplerContext, alpha_at, alpha_inverse, decode, draw,
+                                      time_grid)
 
 __all__ = ["SAMPLERS", "SampleOutput", "sample_tokens", "alpha_inverse"]
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass
-class SampleOutput:
-    """``tokens`` (B, L) long with no mask left; ``nfe`` denoiser calls (each batched call = 1, on
-    however many rows); ``row_evals`` the rows passed through the denoiser over all calls;
-    ``trajectory``: the state after each step (a list of (B, L) tensors) when asked for with
-    ``return_trajectory=True``."""
-
-    tokens: Tensor
-    nfe: int
-    trajectory: list[Tensor] | None = None
-    row_evals: int = 0
-
-    @property
-    def nfe_per_row(self) -> float:
-        """Denoiser evaluations per sample: rows passed through the denoiser / B (= ``nfe`` for a
-        sampler that always calls on the whole batch; less for ``cached``, which calls on the rows
-        that change only)."""
-        return self.row_evals / max(self.tokens.shape[0], 1)
-
-
-class _Ctx:
-    """What every sampler needs: the counted denoiser, the random stream, the token filter."""
-
-    def __init__(self, denoiser: Denoiser, x: Tensor, mask_id: int, generator, temperature: float,
-                 top_p: float, return_trajectory: bool):
-        self.denoiser, self.mask_id, self.generator = denoiser, mask_id, generator
-        self.temperature, self.top_p = temperature, top_p
-        self.device, (self.B, self.L) = x.device, x.shape
-        self.nfe = 0  # denoiser calls (a call on any number of rows counts 1)
-        self.row_evals = 0  # rows (sequences) passed through the denoiser, over all calls
-        self.trajectory: list[Tensor] | None = [] if return_trajectory else None
-
-    def logits(self, x: Tensor, t: float | Tensor) -> Tensor:
-        """One counted call on b <= B rows: float32 logits (b, L, V); t a float or a (b,) tensor."""
-        b = x.shape[0]
-        tt = t.to(self.device, torch.float32) if torch.is_tensor(t) else torch.full(
-            (b,), float(t), device=self.device)
-        self.nfe += 1
-        self.row_evals += b
-        out = self.denoiser(x, tt).float()
-        if out.dim() != 3 or out.shape[:2] != x.shape:
-            raise ValueError(f"denoiser must return logits (B, L, V) = ({b}, {self.L}, V), "
-                             f"got {tuple(out.shape)}")
-        if out.shape[-1] > self.mask_id:
-            raise ValueError(f"denoiser predicts {out.shape[-1]} tokens but mask_id is {self.mask_id}: "
-                             "the logits must cover the real tokens only (mask id = V, SUBS)")
-        return out
-
-    def probs(self, logits: Tensor) -> Tensor:
-        """p(x_0 | x_t) after temperature / top-p: (..., V) -> (..., V); one-hot argmax at T = 0."""
-        V = logits.shape[-1]
-        if self.temperature == 0:
-            return torch.nn.functional.one_hot(logits.argmax(-1), V).to(logits.dtype)
-        flat = filter_logits(logits.reshape(-1, V), self.temperature, 0, self.top_p)
-        return flat.softmax(-1).reshape(logits.shape)
-
-    def rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self.generator, device=self.device)
-
-    def record(self, x: Tensor) -> None:
-        if self.trajectory is not None:
-            self.trajectory.append(x.clone())
-
-
-def _draw(probs: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF draw: probs (..., V), u (...) uniform in [0, 1) -> indices (...) long.
-
-    The first index whose cumulative mass exceeds u * total; a zero-probability token is never
-    chosen (its cumulative mass equals its predecessor's)."""
-    cdf = probs.cumsum(-1)  # (..., V)
-    v = (u * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
-    return (cdf <= v).sum(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def _decode(ctx: _Ctx, x: Tensor, now: Tensor, u_tok: Tensor, t: float) -> tuple[Tensor, Tensor] | None:
-    """Draw the tokens of the positions ``now`` (B, L) bool in place in ``x``, each with its uniform
-    of ``u_tok`` (B, L): one call at time ``t`` on the rows that have such a position (none, and no
-    call, when there is none), the vocabulary read only at those n positions. Returns (probs (n, V),
-    tokens (n,)) in row-major order of ``now``, or None. The rows a call skips would not have been
-    read: exact for any denoiser whose rows do not depend on each other."""
-    rows = now.any(1).nonzero()[:, 0]  # (b,) ascending, so sub[sub_now] is x[now]'s order
-    if rows.numel() == 0:
-        return None
-    sub_now = now[rows]  # (b, L)
-    probs = ctx.probs(ctx.logits(x[rows], t)[sub_now])  # (n, V)
-    tok = _draw(probs, u_tok[now])  # (n,)
-    x[now] = tok
-    return probs, tok
-
-
-def _grid(steps: int) -> list[float]:
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-
-
-def _alpha(schedule: Schedule, t: float) -> float:
-    return float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))
-
-
-def alpha_inverse(schedule: Schedule, a: Tensor, iters: int = 60) -> Tensor:
-    """The time t in [0, 1] with alpha(t) = a, for a decreasing schedule (elementwise, by bisection;
-    a schedule's own ``inverse_alpha`` is used when it has one)."""
-    if hasattr(schedule, "inverse_alpha"):
-        return schedule.inverse_alpha(a)
-    a = a.to(torch.float64)
-    lo, hi = torch.zeros_like(a), torch.ones_like(a)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        above = schedule.alpha(mid) > a  # alpha falls with t: the root lies later
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
 
 
 # ---------------------------------------------------------------------------------------------
 # ancestral and cached: the exact reverse step of the absorbing process
 
 
-def _unmask_steps(ctx: _Ctx, schedule: Schedule, steps: int) -> Tensor:
+def _unmask_steps(ctx: SamplerContext, schedule: Schedule, steps: int) -> Tensor:
     """(B, L) long: the step k in [0, steps) at which each position unmasks under the ancestral
     chain, one uniform per position (inverse CDF).
 
@@ -175,7 +62,7 @@ def _unmask_steps(ctx: _Ctx, schedule: Schedule, steps: int) -> Tensor:
     probability S_k = (1 - alpha(t_{k+1})) / (1 - alpha(1)) (S = 0 after the last step). With SUBS
     this does not depend on the denoiser: it is decided before any call. K = #{k : S_k > u} has
     P(K > k) = S_k."""
-    a = schedule.alpha(torch.tensor(_grid(steps), dtype=torch.float64))  # (steps + 1,)
+    a = schedule.alpha(torch.tensor(time_grid(steps), dtype=torch.float64))  # (steps + 1,)
     survive = ((1.0 - a[1:]) / (1.0 - a[0])).clamp(0.0, 1.0)  # (steps,) decreasing
     survive[-1] = 0.0
     u = ctx.rand(ctx.B, ctx.L).to(torch.float64)
@@ -183,7 +70,7 @@ def _unmask_steps(ctx: _Ctx, schedule: Schedule, steps: int) -> Tensor:
     return steps - torch.searchsorted(ascending, u.contiguous(), right=True)  # (B, L) in [0, steps)
 
 
-def _ancestral_core(ctx: _Ctx, x: Tensor, active: Tensor, schedule: Schedule, steps: int,
+def _ancestral_core(ctx: SamplerContext, x: Tensor, active: Tensor, schedule: Schedule, steps: int,
                     cache: bool) -> Tensor:
     """The ancestral chain with the "which positions unmask at step k" decision drawn first (one
     uniform per position for its step, one per position for its token, both before any call):
@@ -191,7 +78,7 @@ def _ancestral_core(ctx: _Ctx, x: Tensor, active: Tensor, schedule: Schedule, st
     a token unmasks, on the rows where one does. Every token is drawn from the same logits row with
     the same uniform in both, so the two agree token for token, whatever the denoiser (t included),
     as long as a row's logits do not depend on which other rows share its batch."""
-    grid = _grid(steps)
+    grid = time_grid(steps)
     masked = (x == ctx.mask_id) & active  # (B, L)
     when = torch.where(masked, _unmask_steps(ctx, schedule, steps), steps)  # (B, L); steps = never
     u_tok = ctx.rand(ctx.B, ctx.L)  # (B, L) the uniform of each position's token draw
@@ -213,7 +100,7 @@ def _ancestral_core(ctx: _Ctx, x: Tensor, active: Tensor, schedule: Schedule, st
         now = when[rows] == k  # (b, L) the positions that unmask at this step
         logits = ctx.logits(sub, grid[k])  # one call on b rows: (b, L, V)
         if cache or now.any():
-            sub[now] = _draw(ctx.probs(logits[now]), u_tok[rows][now])  # (n,) tokens of the n positions
+            sub[now] = draw(ctx.probs(logits[now]), u_tok[rows][now])  # (n,) tokens of the n positions
             x[rows] = sub
         ctx.record(x)
         done = k + 1
@@ -248,7 +135,7 @@ def _first_hitting(ctx, x, free, schedule, steps):
     ``steps`` >= n it is the exact sampler (one token per jump, n calls); with fewer, the run's later
     tokens are drawn a little early (as ancestral does within a step). The call of a jump is made on
     the rows that still have one."""
-    a1 = _alpha(schedule, 1.0)
+    a1 = alpha_at(schedule, 1.0)
     u = ctx.rand(ctx.B, ctx.L).to(torch.float64)
     u_tok = ctx.rand(ctx.B, ctx.L)  # (B, L) the uniform of each position's token draw
     tau = alpha_inverse(schedule, 1.0 - (1.0 - a1) * u)  # (B, L)
@@ -267,7 +154,7 @@ def _first_hitting(ctx, x, free, schedule, steps):
         t = tau_sorted[rows, first].clamp(min=0.0)  # (b,)
         sub = x[rows]
         logits = ctx.logits(sub, t)  # (b, L, V)
-        sub[now] = _draw(ctx.probs(logits[now]), u_tok[rows][now])
+        sub[now] = draw(ctx.probs(logits[now]), u_tok[rows][now])
         x[rows] = sub
         ctx.record(x)
     return x
@@ -282,13 +169,13 @@ def _confidence_core(ctx, x, active, schedule, steps, threshold, score):
         raise ValueError(f"confidence score must be 'max_prob' or 'sampled', got {score!r}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    grid, a1 = _grid(steps), _alpha(schedule, 1.0)
+    grid, a1 = time_grid(steps), alpha_at(schedule, 1.0)
     n0 = ((x == ctx.mask_id) & active).sum(1).to(torch.float64)  # (B,)
     for k in range(steps):
         u_tok = ctx.rand(ctx.B, ctx.L)
         masked = (x == ctx.mask_id) & active
         m = masked.sum(1)  # (B,)
-        ratio = 0.0 if k == steps - 1 else (1.0 - _alpha(schedule, grid[k + 1])) / (1.0 - a1)
+        ratio = 0.0 if k == steps - 1 else (1.0 - alpha_at(schedule, grid[k + 1])) / (1.0 - a1)
         target = torch.floor(n0 * ratio + 1e-6).long()  # masked count the schedule asks for at s
         kk = (m - target).clamp(min=0)  # (B,) how many to unmask now
         if not (kk.any() or (threshold is not None and m.any())):
@@ -296,7 +183,7 @@ def _confidence_core(ctx, x, active, schedule, steps, threshold, score):
             continue
         logits = ctx.logits(x, grid[k])[masked]  # (n, V): only the masked positions are read
         probs = ctx.probs(logits)  # (n, V)
-        tok_m = _draw(probs, u_tok[masked])  # (n,)
+        tok_m = draw(probs, u_tok[masked])  # (n,)
         if ctx.temperature == 0:  # greedy draws are one-hot: rank by the model's own softmax
             probs = logits.softmax(-1)
         conf_m = probs.max(-1).values if score == "max_prob" else probs.gather(-1, tok_m[:, None])[:, 0]
@@ -366,7 +253,7 @@ def _dfm(ctx, x, free, schedule, steps, eta: float = 0.0):
     decodes, none at a step where none does, and a token is drawn only where one decodes."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    grid = _grid(steps)
+    grid = time_grid(steps)
     tg = torch.tensor(grid[:-1], dtype=torch.float64)
     alphas, d_alphas = schedule.alpha(tg).tolist(), schedule.d_alpha(tg).tolist()
     for k in range(steps):
@@ -377,7 +264,7 @@ def _dfm(ctx, x, free, schedule, steps, eta: float = 0.0):
         p_unmask = 1.0 if last else 1.0 - math.exp(-h * (-da + eta * a) / (1.0 - a))
         p_remask = 0.0 if last else 1.0 - math.exp(-h * eta)
         remask = free & ~masked & (u_jump < p_remask)  # decoded -> masked: needs no call
-        _decode(ctx, x, masked & (u_jump < p_unmask), u_tok, t)  # masked -> decoded
+        decode(ctx, x, masked & (u_jump < p_unmask), u_tok, t)  # masked -> decoded
         if p_remask > 0:
             x.masked_fill_(remask, ctx.mask_id)
         ctx.record(x)
@@ -398,7 +285,7 @@ def _loop_alphas(schedule: Schedule, grid: list[float], t_on: float, t_off: floa
         if t >= t_on:
             return t_star + (t - t_on) * (1.0 - t_star) / (1.0 - t_on)
         return t_star if t >= t_off else t * t_star / t_off
-    alphas = [_alpha(schedule, warp(t)) for t in grid]
+    alphas = [alpha_at(schedule, warp(t)) for t in grid]
     loop = [t_off <= grid[k + 1] and grid[k] <= t_on for k in range(len(grid) - 1)]
     return alphas, loop
 
@@ -431,11 +318,11 @@ def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "
     if not 0.0 < t_off < t_on < 1.0 or not 0.0 < alpha_on < 1.0:
         raise ValueError(f"remdm loop needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got t_on={t_on}, "
                          f"t_off={t_off}, alpha_on={alpha_on}")
-    grid = _grid(steps)
+    grid = time_grid(steps)
     if strategy == "loop":
         alphas, loop = _loop_alphas(schedule, grid, t_on, t_off, alpha_on)
     else:
-        alphas, loop = [_alpha(schedule, t) for t in grid], [True] * steps
+        alphas, loop = [alpha_at(schedule, t) for t in grid], [True] * steps
     psi = torch.ones(ctx.B, ctx.L, device=x.device)  # (B, L) confidence of each decoded token
     for k in range(steps):
         a_t, a_s = alphas[k], alphas[k + 1]
@@ -454,7 +341,7 @@ def _remdm(ctx, x, free, schedule, steps, sigma: float = 0.05, strategy: str = "
             sig_pos = sig
         remask = decoded & (u_jump < sig_pos)  # needs no call
         now = masked & (u_jump >= stay)  # the positions decoded at this step, decided before the call
-        drawn = _decode(ctx, x, now, u_tok, grid[k])  # a call on the rows with one, if any
+        drawn = decode(ctx, x, now, u_tok, grid[k])  # a call on the rows with one, if any
         if strategy == "conf" and drawn is not None:
             probs, tok = drawn
             psi[now] = probs.gather(-1, tok[:, None])[:, 0]
@@ -503,13 +390,13 @@ def sample_tokens(denoiser: Denoiser, x_init: Tensor, *, mask_id: int, schedule:
         raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}")
     if x_init.dim() != 2 or x_init.dtype != torch.long:
         raise ValueError(f"x_init must be a (B, L) long tensor, got {tuple(x_init.shape)} {x_init.dtype}")
-    ctx = _Ctx(denoiser, x_init, mask_id, generator, temperature, top_p, return_trajectory)
+    ctx = SamplerContext(denoiser, x_init, mask_id, generator, temperature, top_p, return_trajectory)
     free = x_init == mask_id  # (B, L) positions to fill
     x = x_init.clone()
     if free.any():
         x = fn(ctx, x, free, schedule, steps, **options)
         left = x == mask_id
         if left.any():  # only for a schedule with alpha(0) < 1: one last denoising call
-            _decode(ctx, x, left, ctx.rand(ctx.B, ctx.L), 0.0)
+            decode(ctx, x, left, ctx.rand(ctx.B, ctx.L), 0.0)
             ctx.record(x)
     return SampleOutput(tokens=x, nfe=ctx.nfe, trajectory=ctx.trajectory, row_evals=ctx.row_evals)
