@@ -25,6 +25,7 @@ FAMILIES = {
     "flow": "genlab.flow.cli",
     "vlm": "genlab.vlm.cli",
     "text": "genlab.text.cli",
+    "data": "genlab.data.cli",
 }
 
 RUN_FLAGS = """options of every training command (before the fields of its config):

@@ -23,8 +23,10 @@ from genlab.train.run import check_run_dir
 
 
 def family_demos(families: dict[str, str]) -> dict[str, Demo]:
-    """Each family's DEMO hook, from ``{family: its cli module}`` (``genlab.cli.FAMILIES``)."""
-    return {name: importlib.import_module(mod).DEMO for name, mod in families.items()}
+    """Each family's DEMO hook, from ``{family: its cli module}`` (``genlab.cli.FAMILIES``); a command
+    table without one (``data``: it writes datasets, it trains nothing) is not part of the demo."""
+    hooks = {name: getattr(importlib.import_module(mod), "DEMO", None) for name, mod in families.items()}
+    return {name: hook for name, hook in hooks.items() if hook is not None}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from genlab.cli import FAMILIES, family_commands, main
 from genlab.commands import resolve
 from genlab.config import load_config, load_yaml, preset_names, recipe_named, resolve_preset, validate
+from genlab.demo import family_demos
 from tests._images import write_cifar_py, write_image_folder
 
 # Tiny overrides per recipe (the presets' own values stay everywhere else).
@@ -33,7 +34,12 @@ TINY_IMAGES = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-prog
                "--eval.classifier.steps", "3"]
 TINY_VQVAE = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-progress", "--model.hidden", "8",
               "--model.res-blocks", "1"]
-COMMAND_OF = {"flow/vqvae-digits": "vqvae"}  # presets of another command than `train`
+DEMO_FAMILIES = family_demos(FAMILIES)  # the families with a demo hook (``data`` has none)
+TINY_VQA = ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--data.world-train", "6",
+            "--data.world-val", "2", "--data.max-val", "4", "--eval.batch-size", "4", "--eval.max-new-tokens", "2",
+            "--eval.grid", "2", "--lora.r", "4"]
+COMMAND_OF = {"flow/vqvae-digits": "vqvae", "vlm/vqa-lora": "finetune", "vlm/vqa-qlora": "finetune",
+              "vlm/vqa-full": "finetune"}  # presets of another command than `train`
 
 
 def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
@@ -41,6 +47,10 @@ def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
     family = preset.split("/")[0]
     if COMMAND_OF.get(preset) == "vqvae":
         return TINY_VQVAE
+    if COMMAND_OF.get(preset) == "finetune":  # fine-tunes a base model: a tiny caption run made here
+        base = tmp_path / "base"
+        assert main(["vlm", "train", "--run-dir", str(base), *TINY["vlm"]]) == 0
+        return [*TINY_VQA, "--model", str(base / "hf")]
     if load_yaml(resolve_preset(preset)).get("recipe") != "images":
         return TINY[family]
     flags = list(TINY_IMAGES)
@@ -57,7 +67,7 @@ def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
 
 
 def test_every_family_has_tiny_test_settings():
-    assert set(TINY) == set(FAMILIES)
+    assert set(TINY) == {p.split("/")[0] for p in preset_names()} == set(DEMO_FAMILIES)
 
 
 @pytest.mark.parametrize("preset", preset_names())
@@ -71,6 +81,8 @@ def test_preset_loads_validates_and_runs_two_steps(preset, tmp_path):
         cfg.data.root = str(tmp_path)
     if getattr(getattr(cfg, "latent", None), "vqvae", ""):  # ... or for a VQ-VAE run made beforehand
         cfg.latent.vqvae = str(tmp_path)
+    if getattr(cfg, "model", None) == "":  # ... or for a base model (`vlm finetune --model`)
+        cfg.model = str(tmp_path)
     validate(cfg)
     run = tmp_path / "run"
     assert main([family, name, "--config", preset, "--run-dir", str(run), *tiny_flags(preset, tmp_path)]) == 0
@@ -83,18 +95,19 @@ def test_every_table_entry_resolves():
         for name, cmd in family_commands(family).items():
             assert callable(resolve(cmd.run)), (family, name)
             resolve(cmd.args)
-        resolve(__import__(FAMILIES[family], fromlist=["DEMO"]).DEMO.run)
+    for hook in DEMO_FAMILIES.values():
+        resolve(hook.run)
 
 
 def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     args = ["--out", str(tmp_path / "demo")]
     sections = {"flow.toy2d": TINY["flow"], "flow.digits": TINY_IMAGES, "flow.meanflow": TINY_IMAGES,
-                "vlm": TINY["vlm"], "text": TINY["text"]}
+                "vlm.caption": TINY["vlm"], "vlm.vqa": TINY_VQA, "text": TINY["text"]}
     for section, flags in sections.items():
         args += [f"--{section}.{f[2:]}" if f.startswith("--") else f for f in flags]
     assert main(["demo", *args]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary) == set(FAMILIES)
+    assert set(summary) == set(DEMO_FAMILIES)
     assert {"w2", "nll_bits_per_dim", "straightness", "weights"} <= set(summary["flow"]["toy2d"])
     for name in ("digits", "meanflow"):
         assert {"accuracy_by_cfg_scale", "nfe_table", "classifier_fd", "class_grid"} <= set(summary["flow"][name])
@@ -102,6 +115,10 @@ def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     assert set(summary["flow"]["digits"]["accuracy_by_cfg_scale"]) == {"0.0", "3.0"}  # JSON keys
     assert {"accuracy", "majority_baseline", "parity", "seconds"} <= set(summary["vlm"])
     assert summary["vlm"]["parity"]["max_abs_logit_diff"] < 1e-4 and summary["vlm"]["parity"]["greedy_match"] == 1.0
+    vqa = summary["vlm"]["vqa"]
+    assert vqa["mode"] == "lora" and {"exact_match", "per_family", "rougeL_f1"} <= set(vqa["after"])
+    assert vqa["before"] is not None and Path(vqa["pictures"]["qa_grid"]).is_file()
+    assert set(summary["vlm"]["memory"]["peak_mib"]) == {"full", "lora", "qlora"}
     assert {"bits_per_char", "nelbo", "samples", "sampler_table", "seconds"} <= set(summary["text"])
     rows = summary["text"]["sampler_table"]["rows"]
     assert {(r["sampler"], r["steps"]) for r in rows} == {("ancestral", 16), ("ancestral", 64), ("cached", 16),

@@ -248,7 +248,7 @@ def test_resume_with_an_architecture_override_changes_nothing(copy, capsys):  # 
     ("--vision.num-attention-heads", "5", "--vision: hidden_size=96 is not divisible by num_attention_heads=5"),  # T12
     ("--vision.patch-size", "0", "--vision: patch_size must be >= 1"),  # T04
     ("--vision.image-size", "30", "--vision: image_size=30 is not a multiple of patch_size=8"),  # T02
-    ("--data.max-objects", "9", "--data.max-objects=9: at most"),  # T13: fails fast instead of hanging
+    ("--data.max-objects", "11", "--data.max-objects=11: at most"),  # T13: fails fast instead of hanging
     ("--eval.n", "0", "--eval.n=0: must be >= 1"),  # T10: before training
     ("--data.vocab-size", "10", "vocab_size=10"),  # T06
 ])

@@ -97,7 +97,7 @@ def test_train_rejects_nonsense_before_the_folder_is_touched(tmp_path, capsys, f
     (["--n", "99999999999"], "--n="),
     (["--image-size", "9999999"], "--image-size="),
     (["--min-objects", "3", "--max-objects", "2"], "--max-objects=2"),
-    (["--max-objects", "9"], "--max-objects=9"),
+    (["--max-objects", "11"], "--max-objects=11"),  # more than CLEVR's 10 objects
     (["--seed", "-1"], "--seed=-1"),
     (["--out", "FILE/x"], "is a file, not a folder"),
 ])

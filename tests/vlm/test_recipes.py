@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -54,14 +55,19 @@ def test_every_word_of_the_world_is_one_token(setup):
     """Captions and questions cost one token per word (punctuation at most one more); answers one token."""
     import numpy as np
 
-    from genlab.data.shapes import COLORS, SHAPES, SIZES, text_corpus
+    from genlab.data.shapes import COLORS, MATERIALS, SHAPES, SIZES, text_corpus, vocabulary
 
     _, processor = setup
     encode = processor.tokenizer.encode
-    for text in text_corpus(np.random.default_rng(5), 100):
-        assert len(encode(text)) <= len(text.split()) + text.count("?") + text.count(","), text
-    for word in [*COLORS, *SHAPES, *SIZES, "yes", "no", "0", "1", "2", "3"]:
-        assert len(encode(word)) == 1, word
+    # scenes of up to 10 objects: the tokenizer was trained on scenes of 1-3, and must still know every text
+    for text in text_corpus(np.random.default_rng(5), 100, min_objects=1, max_objects=10):
+        punctuation = text.count("?") + text.count(",") + text.count(":")
+        assert len(encode(text)) <= len(text.split()) + punctuation, text
+    words = vocabulary()
+    assert {*COLORS, *SHAPES, *SIZES, *MATERIALS, "yes", "no", "10", "behind", "cylinders"} <= set(words)
+    for word in words:
+        assert len(encode(word)) == 1, word  # alone, as an answer is
+        assert len(encode("a " + word)) == len(encode("a")) + 1, word  # and inside a sentence
     assert encode("caption en\n") == encode("caption en") + encode("\n") and len(encode("caption en")) == 2
 
 
@@ -83,13 +89,16 @@ def test_labels_are_the_answer_and_eos_only(setup, task):
 
 
 def test_vqa_asks_only_the_chosen_kinds(setup):
-    from genlab.data.shapes import COLORS
+    from genlab.data.questions import ATTRIBUTES
 
     cfg, processor = setup
-    cfg = replace(cfg, data=replace(cfg.data, question_kinds=("color",), max_objects=3))
+    cfg = replace(cfg, data=replace(cfg.data, question_kinds=("query_attribute",), max_objects=3))
     _, prompts, answers, kinds = ShapesBatchSource(processor, cfg, seed=0).examples(30)
-    assert set(kinds) == {"color"} and set(answers) <= set(COLORS)
-    assert all(p.startswith("answer en what color is the ") for p in prompts)
+    assert set(kinds) == {"query_attribute"} and set(answers) <= {w for v in ATTRIBUTES.values() for w in v}
+    assert all(re.fullmatch(r"answer en what (color|shape|size|material) is the [a-z ]+\?", p) for p in prompts)
+    cfg = replace(cfg, data=replace(cfg.data, question_kinds=("exist", "compare_integer")))
+    _, prompts, answers, kinds = ShapesBatchSource(processor, cfg, seed=0).examples(30)
+    assert set(kinds) == {"exist", "compare_integer"} and set(answers) == {"yes", "no"}
 
 
 def test_batch_source_state_round_trip(setup):

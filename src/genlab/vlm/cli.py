@@ -188,9 +188,18 @@ COMMANDS = {
                      description="Train a tiny PaliGemma from scratch on the procedural shapes world.",
                      hint="(try: genlab vlm scenes --out imgs, then genlab vlm generate --model {run_dir}/hf "
                           "--image imgs/scene_000.png)"),
+    "finetune": Command("genlab.vlm.vqa:finetune", "genlab.vlm.vqa:VQAFinetuneConfig",
+                        "fine-tune a PaliGemma on VQA (CLEVR layout): full, LoRA or QLoRA", train=True,
+                        description="Fine-tune a PaliGemma HF folder on visual question answering: full, "
+                                    "LoRA (peft) or QLoRA (NF4 via bitsandbytes + peft).",
+                        hint="(try: genlab vlm eval-vqa --model {run_dir}; the merged model is in {run_dir}/hf)"),
+    "eval-vqa": Command("genlab.vlm.vqa:eval_vqa_cmd", "genlab.vlm.vqa:EvalVQAArgs",
+                        "exact match per question family and ROUGE of a PaliGemma on a CLEVR split"),
     "generate": Command("genlab.vlm.cli:generate_cmd", "genlab.vlm.cli:GenerateArgs",
                         "caption / answer images with a local PaliGemma checkpoint"),
     "scenes": Command("genlab.vlm.cli:scenes_cmd", "genlab.vlm.cli:ScenesArgs",
                       "write a few shapes-world images to try `vlm generate` on"),
+    "memory": Command("genlab.vlm.memory:memory_cmd", "genlab.vlm.memory:MemoryArgs",
+                      "memory of full / LoRA / QLoRA fine-tuning: a table and a bar chart"),
 }
-DEMO = Demo("genlab.vlm.demo:demo", "genlab.vlm.recipes:ShapesPaliGemmaConfig")
+DEMO = Demo("genlab.vlm.demo:demo", "genlab.vlm.demo:VLMDemoConfig")

@@ -1,15 +1,19 @@
-"""The VLM part of ``genlab demo``: a tiny PaliGemma trained from scratch on shapes, then checked
-against transformers' own PaliGemma on the exported checkpoint.
+"""The VLM part of ``genlab demo``: a tiny PaliGemma trained from scratch to caption the shapes
+world, checked against transformers' own PaliGemma on the exported checkpoint; then the same model
+fine-tuned with LoRA to answer CLEVR-style questions (exact match and ROUGE before / after, the Q/A
+grid), and the memory table of full / LoRA / QLoRA training steps of that model.
 
     from genlab.vlm.demo import demo
-    demo(ShapesPaliGemmaConfig(), Path("runs/demo/vlm"))   # a few minutes on a 2-core CPU
+    demo(VLMDemoConfig(), Path("runs/demo/vlm"))   # a few minutes on a 2-core CPU
+
+Flags: ``genlab demo --vlm.caption.train.steps 600 --vlm.vqa.train.steps 200``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,24 @@ from genlab.vlm.generation import generate
 from genlab.vlm.hf_io import load_paligemma
 from genlab.vlm.processor import PaliGemmaProcessor
 from genlab.vlm.recipes import ShapesBatchSource, ShapesPaliGemmaConfig, train
+from genlab.vlm.vqa import VQAFinetuneConfig, finetune
+
+
+def _vqa_demo() -> VQAFinetuneConfig:
+    """The demo's LoRA fine-tune: the embedded default with a demo's budget (about 2 minutes; the
+    preset's 8000 steps take about 10); its --model is set to the demo's caption run."""
+    cfg = VQAFinetuneConfig()
+    return replace(cfg, train=replace(cfg.train, steps=1500, eval_every=0, checkpoint_every=500))
+
+
+@dataclass
+class VLMDemoConfig:
+    """The vlm part of ``genlab demo``: the caption model (``--vlm.caption.*``) and its LoRA VQA
+    fine-tune (``--vlm.vqa.*``); ``memory`` runs the memory table on the caption model."""
+
+    caption: ShapesPaliGemmaConfig = field(default_factory=ShapesPaliGemmaConfig)
+    vqa: VQAFinetuneConfig = field(default_factory=_vqa_demo)
+    memory: bool = True  # the full / LoRA / QLoRA memory table of the tiny model (one step each)
 
 
 def hf_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,16 +97,16 @@ def transformers_parity(folder: Path, cfg: ShapesPaliGemmaConfig, n: int = 16, m
             "greedy_match": sum(same) / n}
 
 
-def demo(cfg: ShapesPaliGemmaConfig, out_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` (the embedded default: captions of 1-2 shapes) in ``out_dir`` (overwriting an
-    earlier demo there), evaluate it, check parity with transformers; return the headline figures."""
+def demo(cfg: VLMDemoConfig, out_dir: Path) -> dict[str, Any]:
+    """Train the caption model in ``out_dir/caption`` (overwriting an earlier demo there), check parity
+    with transformers, fine-tune it with LoRA in ``out_dir/vqa``, measure memory; the headline figures."""
     t0 = time.perf_counter()
-    cfg = replace(cfg, run_dir=str(out_dir))
-    run = train(cfg, overwrite=True)
+    cap = replace(cfg.caption, run_dir=str(out_dir / "caption"))
+    run = train(cap, overwrite=True)
     train_s = time.perf_counter() - t0
     report = json.loads((run / "eval.json").read_text())
-    parity = transformers_parity(run / "hf", cfg)
-    return {
+    parity = transformers_parity(run / "hf", cap)
+    summary = {
         "run_dir": str(run),
         "task": report["task"],
         "accuracy": report["accuracy"],
@@ -92,7 +114,31 @@ def demo(cfg: ShapesPaliGemmaConfig, out_dir: Path) -> dict[str, Any]:
         "accuracy_by_kind": {k: v["accuracy"] for k, v in report["by_kind"].items()},
         "parity": parity,
         "train_and_eval_seconds": round(train_s, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
         "pictures": {"examples": str(run / "examples.png"), "loss": str(run / "loss.png")},
         "hf_folder": str(run / "hf"),
     }
+    t1 = time.perf_counter()
+    vqa = finetune(replace(cfg.vqa, run_dir=str(out_dir / "vqa"), model=str(run / "hf")), overwrite=True)
+    scores = json.loads((vqa / "eval.json").read_text())
+    summary["vqa"] = {"run_dir": str(vqa), "mode": scores["mode"], "seconds": round(time.perf_counter() - t1, 1),
+                      **{side: _headline(scores[side]) for side in ("before", "after")},
+                      "pictures": {"qa_grid": str(vqa / "qa_grid.png"), "loss": str(vqa / "loss.png")},
+                      "report": str(vqa / "report.md")}
+    if cfg.memory:
+        from genlab.vlm.memory import MemoryArgs, memory_cmd
+
+        doc = memory_cmd(MemoryArgs(model=str(run / "hf"), steps=1, out=str(out_dir / "memory")))
+        summary["memory"] = {"peak_mib": {r["mode"]: round(r["peak_bytes"] / 2**20, 1) for r in doc["rows"]},
+                             "trainable_parameters": {r["mode"]: r["trainable_parameters"] for r in doc["rows"]},
+                             "table": str(out_dir / "memory" / "memory.md"),
+                             "chart": str(out_dir / "memory" / "memory.png")}
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _headline(s: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Exact match (overall, per family) and ROUGE-L F1 of a score, for the summary."""
+    if s is None:
+        return None
+    return {"exact_match": s["accuracy"], "per_family": {k: v["accuracy"] for k, v in s["per_family"].items()},
+            "rougeL_f1": (s.get("rouge") or {}).get("rougeL", {}).get("f1")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from genlab.nn.attention import Attention, KVCache, RotaryEmbedding
@@ -250,6 +251,9 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.uses_sliding = any(layer.sliding for layer in self.layers)
+        # Recompute each layer's activations in the backward pass instead of keeping them (training
+        # only): about a layer's worth of activations alive instead of all of them, for ~1/3 more compute.
+        self.gradient_checkpointing = False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, L, D) times sqrt(D), the scale rounded to the weight dtype."""
@@ -269,8 +273,12 @@ class GemmaModel(nn.Module):
         masks, position_ids = self._masks_and_positions(embeds, attention_mask, token_type_ids, position_ids, cache)
         rope = self.rotary(position_ids, embeds.dtype)
         x = embeds
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, masks, rope, cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, masks, rope, None, use_reentrant=False)
+            else:
+                x = layer(x, masks, rope, cache)
         if cache is not None:
             cache.advance(embeds.shape[1])
         return self.norm(x)

@@ -154,6 +154,7 @@ def load_paligemma(folder: str | Path, dtype: torch.dtype = torch.float32,
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unmapped, unexpected, duplicated, bad_shape, seen = [], [], [], [], set()
+    to_read: list[tuple[Path, str, str]] = []  # (file, key in the file, genlab name), read once all keys check out
     for path in _weight_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -180,9 +181,7 @@ def load_paligemma(folder: str | Path, dtype: torch.dtype = torch.float32,
                     if shape != expected[name]:
                         bad_shape.append(f"{key}: file {shape} vs model {expected[name]}")
                         continue
-                    # copy=True: own the memory rather than keep views into the memory-mapped file, whose
-                    # pages the kernel may evict and re-read (one CPU decode run here was 8x slower so).
-                    tensors[name] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+                    to_read.append((path, key, name))
         except (SafetensorError, OSError) as e:  # truncated, empty, foreign or unreadable file
             raise FileFormatError(f"{path}: not a readable safetensors file ({_first_line(e)}); it may be "
                                   f"truncated or damaged") from e
@@ -193,6 +192,18 @@ def load_paligemma(folder: str | Path, dtype: torch.dtype = torch.float32,
         ("missing parameters", missing)) if items]
     if problems:
         raise CheckpointMismatchError(f"checkpoint in {folder} does not match its config.json: " + "; ".join(problems))
+    for path, key, name in to_read:
+        # One tensor per opening of the file, copied (copy=True) into memory genlab owns: the pages of
+        # the memory-mapped file that a read touches count in this process's memory until the mapping
+        # closes, so reading every tensor under one mapping would peak at twice the model's size (the
+        # trap that doubles QLoRA's CPU peak in the HF stack); views into the mapping would also let
+        # the kernel evict and re-read those pages (one CPU decode run was 8x slower so).
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                tensors[name] = f.get_tensor(key).to(device=device, dtype=dtype, copy=True)
+        except (SafetensorError, OSError) as e:
+            raise FileFormatError(f"{path}: not a readable safetensors file ({_first_line(e)}); it may be "
+                                  f"truncated or damaged") from e
     model.load_state_dict(tensors, strict=True, assign=True)  # replaces the meta tensors
     return model.eval(), cfg
 

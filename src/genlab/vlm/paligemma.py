@@ -12,12 +12,14 @@ leading ``model.`` (``vision_tower.encoder.layers.0.self_attn.q_proj.weight``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genlab.nn.attention import KVCache
+from genlab.nn.losses import linear_cross_entropy
 from genlab.vlm.gemma import GemmaConfig, GemmaModel
 from genlab.vlm.siglip import SiglipConfig, SiglipVisionTower
 
@@ -109,6 +111,11 @@ class MultiModalProjector(nn.Module):
         return self.linear(x)
 
 
+class LMLoss(NamedTuple):
+    loss: torch.Tensor  # mean next-token cross-entropy over the scored tokens
+    token_acc: torch.Tensor  # share of scored tokens whose argmax is right (no gradient)
+
+
 class PaliGemma(nn.Module):
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
@@ -130,10 +137,15 @@ class PaliGemma(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                num_logits_to_keep: int = 0) -> torch.Tensor:
+                num_logits_to_keep: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor | LMLoss:
         """Logits (B, L, vocab) for ``input_ids`` (B, L), or for its last ``num_logits_to_keep``
         positions. ``pixel_values`` is given with the prompt (first chunk) only; with ``cache``,
-        ``attention_mask`` covers the new tokens only. See ``gemma`` for the mask conventions."""
+        ``attention_mask`` covers the new tokens only. See ``gemma`` for the mask conventions.
+
+        With ``labels`` (B, L; -100 where nothing is scored) it returns ``LMLoss``: the next-token
+        cross-entropy (position t predicts labels[t + 1], as transformers shifts them), computed only
+        at the scored positions and a chunk at a time (``nn.losses.linear_cross_entropy``), so the
+        (B, L, vocab) logits are never built."""
         is_image = input_ids == self.config.image_token_id
         ids = input_ids
         if self.config.image_token_id >= self.config.text.vocab_size:  # placeholder outside the table
@@ -141,8 +153,19 @@ class PaliGemma(nn.Module):
         embeds = self.language_model.embed(ids)  # (B, L, D), text scaled by sqrt(D)
         if pixel_values is not None:
             embeds = merge_image_features(embeds, is_image, self.image_features(pixel_values))
-        h = self.language_model(embeds, attention_mask, token_type_ids, position_ids, cache)
+        h = self.language_model(embeds, attention_mask, token_type_ids, position_ids, cache)  # (B, L, D)
+        if labels is not None:
+            return self.loss(h, labels)
         return self.logits(h[:, -num_logits_to_keep:])
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> LMLoss:
+        """Shifted cross-entropy of the final hidden states ``h`` (B, L, D) against ``labels`` (B, L)."""
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != -100  # (B, L): positions whose next token is scored
+        target = labels[:, 1:][labels[:, 1:] != -100]  # (N,), the same row-major order
+        weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        loss, correct = linear_cross_entropy(h[scored], weight, target, self.config.text.final_logit_softcapping)
+        return LMLoss(loss, correct.float() / max(target.numel(), 1))
 
     def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, vocab) for one new text token per row, ``input_ids`` (B, 1), after a

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from genlab.eval.plots import save_figure
+
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,5 +37,4 @@ def plot_examples(images: list[np.ndarray], prompts: list[str], answers: list[st
         ax.text(0.5, -0.25, wrap(f"truth: {truth}"), transform=ax.transAxes, ha="center", va="top",
                 fontsize=6, color="black")
     fig.subplots_adjust(left=0.02, right=0.98, hspace=0.9, wspace=0.1, top=0.95, bottom=0.08)
-    fig.savefig(path, format="png")
-    return Path(path)
+    return save_figure(fig, path)  # atomic: a killed run never leaves half a PNG

@@ -19,7 +19,6 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genlab.config import Check, ConfigError, positive, validate
@@ -44,8 +43,8 @@ MAX_REDRAWS = 1000  # scenes drawn for one question before the question kinds ar
 class ShapesData:
     min_objects: int = 1
     max_objects: int = 2
-    question_kinds: tuple[str, ...] = QUESTION_KINDS  # vqa only
-    vocab_size: int = 320  # tokenizer size: alphabet + specials + merges for the world's words
+    question_kinds: tuple[str, ...] = QUESTION_KINDS  # vqa only: CLEVR's families (exist, count, ...)
+    vocab_size: int = 448  # tokenizer size: alphabet + specials + merges for the world's ~60 words
 
     def checks(self) -> Iterable[Check]:
         yield from positive("min_objects", cfg=self)
@@ -122,7 +121,8 @@ class ShapesBatchSource:
 
     def examples(self, n: int) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
         """``n`` examples as (images (S, S, 3) uint8, prompts, answers, kinds). The kind is the
-        question kind for vqa and "1 object", "2 objects"... for captions."""
+        question kind for vqa (one of QUESTION_KINDS: CLEVR's families) and "1 object", "2 objects"...
+        for captions (the full left-to-right description, ``describe``)."""
         images, prompts, answers, kinds = [], [], [], []
         d, size = self.cfg.data, self.cfg.vision.image_size
         for _ in range(n):
@@ -199,16 +199,14 @@ def init_weights(model: nn.Module, std: float) -> None:
 
 
 def suffix_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy on the answer: the logits at position t predict the token at t + 1, so
-    logits[:, :-1] are scored against labels[:, 1:] (the last prefix token predicts the first answer
-    token; the last answer token predicts <eos>). Labels are -100 off the answer."""
-    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                   attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])  # (B, L, V)
-    pred, target = logits[:, :-1].float(), batch["labels"][:, 1:]  # (B, L-1, V), (B, L-1)
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
-    scored = target != -100
-    token_acc = (pred.argmax(-1) == target)[scored].float().mean()
-    return loss, {"token_acc": token_acc.detach()}  # a tensor: the engine syncs only when it logs
+    """Next-token cross-entropy on the answer: the logits at position t predict the token at t + 1
+    (the last prefix token predicts the first answer token; the last answer token predicts <eos>).
+    Labels are -100 off the answer. The model scores only those positions, a chunk of the
+    vocabulary-sized logits at a time (``PaliGemma.forward(labels=...)``)."""
+    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                labels=batch["labels"])
+    return out.loss, {"token_acc": out.token_acc}  # a tensor: the engine syncs only when it logs
 
 
 # ----------------------------------------------------------------------------- evaluation
