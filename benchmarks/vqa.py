@@ -127,13 +127,16 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
         rows: dict[str, dict[str, Any]] = {}
         for mode in args.modes:
             for impl, module in (("genlab", "genlab.vlm.memory"), ("peer", None)):
+                if impl not in args.impls:
+                    continue
                 s = {**spec, "mode": mode}
                 rows[f"{impl}/{mode}"] = (run_worker(module, s, f"genlab {mode}") if module
                                           else run_script(s, f"peer {mode}"))
                 r = rows[f"{impl}/{mode}"]
                 print(f"  {impl:6s} {mode:5s} peak {r['peak_bytes'] / MIB:8.1f} MiB  trainable "
                       f"{r['trainable_parameters']:,}  step {r['step_seconds_median']:.2f} s", flush=True)
-    doc = {"config": config, "parameters": n, "settings": {**spec, "modes": list(args.modes)}, "rows": rows}
+    doc = {"config": config, "parameters": n, "settings": {**spec, "modes": list(args.modes), "impls": args.impls},
+           "rows": rows}
     print(format_table(doc))
     if args.out:
         from genlab.io import atomic_write_json
@@ -153,10 +156,11 @@ def format_table(doc: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     full = {impl: rows.get(f"{impl}/full", {}).get("peak_bytes") for impl in ("genlab", "peer")}
     for mode in doc["settings"]["modes"]:
-        g, p = rows[f"genlab/{mode}"]["peak_bytes"], rows[f"peer/{mode}"]["peak_bytes"]
-        rg = f"{g / full['genlab']:.2f}x" if full["genlab"] else "-"
-        rp = f"{p / full['peer']:.2f}x" if full["peer"] else "-"
-        lines.append(f"| {mode} | {g / MIB:.1f} | {p / MIB:.1f} | {g / p:.2f} | {rg} | {rp} |")
+        g, p = (rows.get(f"{impl}/{mode}", {}).get("peak_bytes") for impl in ("genlab", "peer"))
+        cell = lambda b: "-" if b is None else f"{b / MIB:.1f}"  # noqa: E731  (a stack not measured)
+        ratio = lambda b, f: f"{b / f:.2f}x" if b and f else "-"  # noqa: E731
+        lines.append(f"| {mode} | {cell(g)} | {cell(p)} | {f'{g / p:.2f}' if g and p else '-'} | "
+                     f"{ratio(g, full['genlab'])} | {ratio(p, full['peer'])} |")
     return "\n".join(lines)
 
 
@@ -222,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impls", nargs="+", choices=["genlab", "peer"], default=["genlab", "peer"],
+                   help="memory: which stacks to measure")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="memory: recompute the decoder layers' activations in the backward pass (both stacks)")
     p.add_argument("--out", type=Path, default=None, help="write every number to this JSON file")

@@ -53,7 +53,7 @@ class ClevrData:
     train_split: str = "train"
     val_split: str = "val"
     max_train: int = 0  # training questions used (0 = all)
-    max_val: int = 300  # held-out questions answered before / after (and the val loss); 0 = all
+    max_val: int = 0  # held-out questions answered before / after (and the val loss); 0 = all
     num_workers: int = 0  # DataLoader processes decoding images
     # The embedded world (only when root is ""): scenes per split, questions per scene, objects per scene.
     world_train: int = 3000
@@ -101,8 +101,8 @@ class VQAFinetuneConfig:
     quant: QuantSettings = field(default_factory=QuantSettings)
     eval: VQAEval = field(default_factory=VQAEval)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=8000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.0, checkpoint_every=1000,
-        eval_every=2000, log_every=20, best_metric="exact_match", threads=1))
+        steps=12000, batch_size=32, lr=3e-3, warmup_steps=100, weight_decay=0.0, checkpoint_every=1000,
+        eval_every=3000, log_every=20, best_metric="exact_match", threads=1))
 
     def checks(self) -> Iterable[Check]:
         yield "mode", self.mode in MODES, f"choose from {list(MODES)}"
