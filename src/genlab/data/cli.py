@@ -1,4 +1,4 @@
-"""The data family's commands and demo hook (read by ``genlab.cli`` and ``genlab.demo``).
+"""The data family's commands (read by ``genlab.cli``; it has no demo hook: it writes datasets, it trains nothing).
 
     genlab data clevr --out data/shapes-clevr --train 20000 --val 2000 --image-size 64
 """
