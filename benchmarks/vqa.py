@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from genlab.vlm.memory import MIB, PeakMeter, random_batch, run_worker, train_and_measure, warm_up
+from genlab.vlm.memory import MIB, PeakMeter, random_batch, run_worker, train_and_measure, worker_setup
 
 MODES = ("full", "lora", "qlora")
 # (SigLIP layers, width, heads, MLP, image size, patch), (Gemma layers, width, heads, KV heads, head dim, MLP, vocab)
@@ -71,14 +71,9 @@ def peer_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers as hf
 
-    from genlab.train.distributed import pick_device
-    from genlab.vlm.finetune import LoraSettings, target_pattern
+    from genlab.vlm.finetune import target_pattern
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = pick_device(spec["device"])
-    lora = LoraSettings(r=spec["r"], alpha=spec["alpha"])
-    warm_up(device, libraries=("peft", "bitsandbytes") if spec["mode"] != "full" else ())
+    device, lora = worker_setup(spec)
     hf.PaliGemmaForConditionalGeneration, hf.BitsAndBytesConfig  # transformers' lazy imports: before the baseline
     meter = PeakMeter(device)
     kw: dict[str, Any] = {"dtype": torch.float32, "device_map": {"": str(device)}}

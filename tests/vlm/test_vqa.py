@@ -113,6 +113,7 @@ def test_eval_vqa_on_a_split_without_answers_gives_predictions_only(tmp_path, ba
     ([], "--model"),
     (["--data.root", "/nonexistent/clevr"], "--data.root"),
     (["--mode", "qlora", "--train.optimizer", "muon"], "muon"),
+    (["--data.world-train", "2000000"], "--data.world-train"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, base, flags, message, capsys):
     run = tmp_path / "never"

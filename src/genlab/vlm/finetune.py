@@ -90,7 +90,7 @@ def _quiet_import(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        pkg = {"bitsandbytes": "bitsandbytes", "peft": "peft"}[name.split(".")[0]]
+        pkg = name.split(".")[0]
         raise ConfigError(f"this mode needs the {pkg} package: pip install {pkg} ({e})") from e
 
 

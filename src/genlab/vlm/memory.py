@@ -242,20 +242,28 @@ def train_and_measure(model: Any, loss_fn: Callable[[Any, dict], Any], batch: di
             "loss": float(loss.detach())}
 
 
-def genlab_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One mode, measured (call in a fresh process: the baseline is this process's memory now)."""
+def worker_setup(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """What every worker (genlab's and the benchmark's peer) does before its baseline: threads, device,
+    the LoRA settings of the spec, and the warm-up that pulls in the libraries of its mode."""
     import torch
 
     from genlab.train.distributed import pick_device
-    from genlab.vlm.finetune import LoraSettings, QuantSettings, adapt
-    from genlab.vlm.hf_io import load_paligemma
-    from genlab.vlm.recipes import suffix_loss
+    from genlab.vlm.finetune import LoraSettings
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = pick_device(spec["device"])
-    lora = LoraSettings(r=spec["r"], alpha=spec["alpha"])
     warm_up(device, libraries=("peft", "bitsandbytes") if spec["mode"] != "full" else ())
+    return device, LoraSettings(r=spec["r"], alpha=spec["alpha"])
+
+
+def genlab_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One mode, measured (call in a fresh process: the baseline is this process's memory now)."""
+    from genlab.vlm.finetune import QuantSettings, adapt
+    from genlab.vlm.hf_io import load_paligemma
+    from genlab.vlm.recipes import suffix_loss
+
+    device, lora = worker_setup(spec)
     meter = PeakMeter(device)
     model, cfg = load_paligemma(spec["model"], device=device)
     model.language_model.gradient_checkpointing = spec.get("gradient_checkpointing", False)

@@ -67,6 +67,10 @@ class ClevrData:
         yield from non_negative("max_train", "max_val", "num_workers", "seed", cfg=self)
         yield from positive("world_train", "world_val", "questions_per_image", "min_objects", cfg=self)
         yield "max_objects", self.max_objects >= self.min_objects, "must be >= --data.min-objects"
+        # the bounds write_clevr enforces, checked here so that the error names the flag
+        yield "world_train", self.world_train <= 1_000_000, "must be <= 1000000"
+        yield "world_val", self.world_val <= 1_000_000, "must be <= 1000000"
+        yield "questions_per_image", self.questions_per_image <= 100, "must be <= 100"
         yield "root", not self.root or Path(self.root).is_dir(), (
             f"no such folder: give a CLEVR_v1.0-layout folder (images/, questions/; `genlab data clevr --out "
             f"{self.root}` writes one)")
