@@ -324,3 +324,25 @@ def _write_processor_files(folder: Path, image_size: int, num_image_tokens: int)
 
 def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- BERT-family text encoders
+def load_wordpiece_tokenizer(folder: str | Path, max_length: int = 64) -> Tokenizer:
+    """The tokenizer.json of a BERT-family folder (e.g. MiniLM, DistilBERT), truncating to ``max_length``
+    tokens ([CLS] and [SEP] included) and padding each batch to its longest text (the folder's own fixed
+    padding, if any, is replaced)."""
+    tok = load_tokenizer_file(Path(folder) / "tokenizer.json")
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    return tok
+
+
+def encode_padded(tok: Tokenizer, texts: Sequence[str]):
+    """``(input_ids, attention_mask)``, each a LongTensor (B, L) padded to the batch's longest text."""
+    import torch
+
+    encs = tok.encode_batch(list(texts))
+    ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
+    return ids, mask

@@ -39,7 +39,10 @@ RUN_HEADER = "genlab run of the family: "  # first line of config.yaml
 
 
 def family_of(cfg: Any) -> str:
-    """``flow`` for a config defined in ``genlab.flow...``."""
+    """``flow`` for a config defined in ``genlab.flow...``; a config may name its command family with a
+    ``FAMILY`` class attribute (the qformer commands' recipes live in ``genlab.vlm``)."""
+    if getattr(type(cfg), "FAMILY", None):
+        return type(cfg).FAMILY
     parts = type(cfg).__module__.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "genlab" else parts[0]
 
