@@ -24,6 +24,7 @@ from genlab.errors import ConfigError, GenlabError
 FAMILIES = {
     "flow": "genlab.flow.cli",
     "vlm": "genlab.vlm.cli",
+    "qformer": "genlab.vlm.qformer_cli",
     "text": "genlab.text.cli",
     "data": "genlab.data.cli",
 }
