@@ -38,8 +38,12 @@ DEMO_FAMILIES = family_demos(FAMILIES)  # the families with a demo hook (``data`
 TINY_VQA = ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--data.world-train", "6",
             "--data.world-val", "2", "--data.max-val", "4", "--eval.batch-size", "4", "--eval.max-new-tokens", "2",
             "--eval.grid", "2", "--lora.r", "4"]
+TINY_SIGLIP = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-progress", "--data.shapes-train", "16",
+               "--data.shapes-val", "8", "--eval.n-images", "8", "--eval.batch-size", "8", "--eval.grid", "2",
+               "--vision.num-hidden-layers", "1", "--vision.hidden-size", "32", "--vision.intermediate-size", "64",
+               "--vision.num-attention-heads", "2"]
 COMMAND_OF = {"flow/vqvae-digits": "vqvae", "vlm/vqa-lora": "finetune", "vlm/vqa-qlora": "finetune",
-              "vlm/vqa-full": "finetune"}  # presets of another command than `train`
+              "vlm/vqa-full": "finetune", "vlm/siglip-shapes": "pretrain-siglip"}  # presets of another command
 
 
 def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
@@ -47,6 +51,8 @@ def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
     family = preset.split("/")[0]
     if COMMAND_OF.get(preset) == "vqvae":
         return TINY_VQVAE
+    if COMMAND_OF.get(preset) == "pretrain-siglip":
+        return TINY_SIGLIP
     if COMMAND_OF.get(preset) == "finetune":  # fine-tunes a base model: a tiny caption run made here
         base = tmp_path / "base"
         assert main(["vlm", "train", "--run-dir", str(base), *TINY["vlm"]]) == 0

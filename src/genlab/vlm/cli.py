@@ -188,6 +188,15 @@ COMMANDS = {
                      description="Train a tiny PaliGemma from scratch on the procedural shapes world.",
                      hint="(try: genlab vlm scenes --out imgs, then genlab vlm generate --model {run_dir}/hf "
                           "--image imgs/scene_000.png)"),
+    "pretrain-siglip": Command("genlab.vlm.siglip_pretrain:train", "genlab.vlm.siglip_pretrain:SiglipPretrainConfig",
+                               "stage 0 of BLIP-2: train a SigLIP vision tower against a frozen text encoder",
+                               train=True,
+                               description="Train a SigLIP vision tower on image-caption pairs with CLIP's softmax "
+                                           "loss (default) or SigLIP's sigmoid loss against frozen sentence "
+                                           "features of a pretrained text encoder (default all-MiniLM-L6-v2); "
+                                           "export it as a Hugging Face SigLIP vision folder, vision/ in the run "
+                                           "folder.",
+                               hint="(stage 1: genlab qformer train --config qformer/shapes --vision {run_dir}/vision)"),
     "finetune": Command("genlab.vlm.vqa:finetune", "genlab.vlm.vqa:VQAFinetuneConfig",
                         "fine-tune a PaliGemma on VQA (CLEVR layout): full, LoRA or QLoRA", train=True,
                         description="Fine-tune a PaliGemma HF folder on visual question answering: full, "
