@@ -1,9 +1,16 @@
-"""genlab's Q-Former beside transformers' Blip2QFormerModel: training throughput of the query path.
+"""genlab's Q-Former beside transformers' Blip2QFormerModel (training throughput of the query path), and
+the quality of the whole BLIP-2 pipeline on the shapes world (Recall@K, CIDEr before / after).
 
     .venv/bin/python benchmarks/qformer.py --part throughput --threads 2 --out /tmp/qformer_throughput.json
     .venv/bin/python benchmarks/qformer.py --part throughput --quick            # tiny config (smoke)
     PYTHONPATH=src python3 benchmarks/qformer.py --part throughput --config blip2 --device cuda
+    .venv/bin/python benchmarks/qformer.py --part quality --out /tmp/qformer_quality.json  # stages 0-2, ~30 min
     .venv/bin/python benchmarks/qformer.py --part throughput --profile 15        # + the top ops of each
+
+``--part quality``: ``genlab vlm pretrain-siglip --config vlm/siglip-shapes`` (stage 0), ``genlab qformer
+train --config qformer/shapes`` (stage 1) and ``genlab qformer train-lm --config qformer/shapes-smollm``
+(stage 2, from stage 1 with ``--train.init-from``), in ``--runs``; prints minutes, Recall@K and the
+caption / VQA figures before and after against the issue's targets.
 
 ``--part throughput``: one random genlab ``QFormer`` (every weight perturbed, LayerNorms and query tokens
 included, so that a wrong key would show) and a transformers ``Blip2QFormerModel`` holding the same
@@ -285,10 +292,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="throughput: also print torch.profiler's top ROWS ops of each implementation")
     p.add_argument("--out", type=Path, default=None, help="write every number to this JSON file")
+    p.add_argument("--runs", default="runs/bench-qformer", help="quality: the stages' run folders go here")
+    p.add_argument("--stages", nargs="+", default=[s[0] for s in STAGES], choices=[s[0] for s in STAGES],
+                   help="quality: which stages to run (a later stage reads the earlier ones' folders)")
     return p.parse_args(argv)
 
 
-PARTS = {"throughput": throughput_part}
+# The two-stage run of the issue's figures: (name, family, command, preset, extra flags given the run folders)
+STAGES = (
+    ("siglip", "vlm", "pretrain-siglip", "vlm/siglip-shapes", lambda runs: []),
+    ("qformer", "qformer", "train", "qformer/shapes", lambda runs: ["--vision", str(runs / "siglip" / "vision")]),
+    ("lm", "qformer", "train-lm", "qformer/shapes-smollm",
+     lambda runs: ["--vision", str(runs / "siglip" / "vision"), "--train.init-from", str(runs / "qformer")]),
+)
+
+
+def quality_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 0, 1 and 2 with their presets, one after the other (each a fresh run in ``--runs``):
+    minutes per stage, Recall@K of stages 0 and 1 on the held-out images, stage 2's captioning
+    metrics and VQA exact match before / after; against the issue's targets."""
+    import json
+
+    from genlab.cli import main as genlab
+
+    runs = Path(args.runs)
+    doc: dict[str, Any] = {"part": "quality", "runs": str(runs), "stages": {}, "torch": torch.__version__}
+    for name, family, command, preset, extra in STAGES:
+        if name not in args.stages:
+            continue
+        flags = [family, command, "--config", preset, "--run-dir", str(runs / name), "--overwrite", *extra(runs)]
+        print("genlab " + " ".join(flags), flush=True)
+        t0 = time.perf_counter()
+        if genlab(flags) != 0:
+            raise SystemExit(f"stage {name} failed")
+        report = json.loads((runs / name / "eval.json").read_text())
+        doc["stages"][name] = {"minutes": (time.perf_counter() - t0) / 60, "command": "genlab " + " ".join(flags),
+                               "eval": report}
+    doc["minutes"] = sum(s["minutes"] for s in doc["stages"].values())
+    print(format_quality(doc))
+    if args.out:
+        from genlab.io import atomic_write_json
+
+        atomic_write_json(args.out, doc)
+    return doc
+
+
+def format_quality(doc: dict[str, Any]) -> str:
+    lines = ["| stage | minutes | figures |", "|---|---:|---|"]
+    for name, st in doc["stages"].items():
+        r = st["eval"]
+        if name in ("siglip", "qformer"):
+            figs = ", ".join(f"{k} {r[k]:.3f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"))
+            figs += f" ({r['n_images']} images, {r['n_texts']} captions)"
+        else:
+            figs = "; ".join(f"{side}: " + ", ".join(f"{k} {v:.3f}" for k, v in (r.get(side) or {}).items()
+                                                     if isinstance(v, (int, float)))
+                             for side in ("before", "after"))
+        lines.append(f"| {name} | {st['minutes']:.1f} | {figs} |")
+    lines.append(f"total {doc['minutes']:.1f} minutes (target: stages 1 + 2 under 30)")
+    if "qformer" in doc["stages"]:
+        r = doc["stages"]["qformer"]["eval"]
+        lines.append(f"stage 1 Recall@1 image->text {r['i2t_r1']:.3f} (target >= 0.5), Recall@5 {r['i2t_r5']:.3f} "
+                     f"(target >= 0.8)")
+    if "lm" in doc["stages"]:
+        r = doc["stages"]["lm"]["eval"]
+        before, after = (r.get("before") or {}).get("cider"), (r.get("after") or {}).get("cider")
+        if before is not None and after is not None:
+            ratio = after / before if before else float("inf")
+            lines.append(f"stage 2 CIDEr {before:.3f} before, {after:.3f} after: {ratio:.2f}x (target >= 2x)")
+    return "\n".join(lines)
+
+
+PARTS = {"throughput": throughput_part, "quality": quality_part}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -42,8 +42,30 @@ TINY_SIGLIP = ["--train.steps", "2", "--train.batch-size", "8", "--train.no-prog
                "--data.shapes-val", "8", "--eval.n-images", "8", "--eval.batch-size", "8", "--eval.grid", "2",
                "--vision.num-hidden-layers", "1", "--vision.hidden-size", "32", "--vision.intermediate-size", "64",
                "--vision.num-attention-heads", "2"]
+TINY_QFORMER = ["--train.steps", "2", "--train.batch-size", "4", "--train.no-progress", "--train.threads", "1",
+                "--data.shapes-train", "8", "--data.shapes-val", "4", "--eval.n-images", "4", "--eval.batch-size", "4",
+                "--eval.grid", "2", "--qformer.num-query-tokens", "4", "--qformer.num-layers", "2",
+                "--qformer.image-text-hidden-size", "16", "--itm-pairs", "2"]
+TINY_CAPTIONER = ["--train.steps", "2", "--train.batch-size", "4", "--train.micro-batch-size", "2",
+                  "--train.no-progress", "--train.threads", "1", "--data.shapes-train", "8", "--data.shapes-val", "4",
+                  "--vqa.world-train", "6", "--vqa.world-val", "4", "--vqa.questions-per-image", "2",
+                  "--eval.n-images", "4", "--eval.n-questions", "4", "--eval.max-new-tokens", "4",
+                  "--eval.answer-tokens", "2", "--eval.batch-size", "4", "--eval.grid", "2",
+                  "--qformer.num-query-tokens", "4", "--qformer.num-layers", "2",
+                  "--qformer.image-text-hidden-size", "16", "--lora.r", "4", "--lora.alpha", "8"]
+TINY["qformer"] = TINY_QFORMER  # (+ the asset folders of blip_assets)
 COMMAND_OF = {"flow/vqvae-digits": "vqvae", "vlm/vqa-lora": "finetune", "vlm/vqa-qlora": "finetune",
-              "vlm/vqa-full": "finetune", "vlm/siglip-shapes": "pretrain-siglip"}  # presets of another command
+              "vlm/vqa-full": "finetune", "vlm/siglip-shapes": "pretrain-siglip",
+              "qformer/shapes-smollm": "train-lm"}  # presets of another command than `train`
+
+
+def blip_assets(root: Path) -> dict[str, list[str]]:
+    """Tiny stand-ins for the BLIP-2 stages' folders (vision tower, BERT, LM), as flags of stage 1 / 2."""
+    from tests.vlm.tiny_blip import bert_folder, lm_folder, vision_folder
+
+    vision, bert = vision_folder(root / "vision", image_size=32), bert_folder(root / "bert")
+    stage1 = ["--vision", str(vision), "--qformer.bert", str(bert)]
+    return {"qformer": stage1, "lm": [*stage1, "--lm", str(lm_folder(root / "lm"))]}
 
 
 def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
@@ -53,6 +75,10 @@ def tiny_flags(preset: str, tmp_path: Path) -> list[str]:
         return TINY_VQVAE
     if COMMAND_OF.get(preset) == "pretrain-siglip":
         return TINY_SIGLIP
+    if family == "qformer":
+        assets = blip_assets(tmp_path / "assets")
+        return [*TINY_CAPTIONER, *assets["lm"]] if COMMAND_OF.get(preset) == "train-lm" else [*TINY_QFORMER,
+                                                                                               *assets["qformer"]]
     if COMMAND_OF.get(preset) == "finetune":  # fine-tunes a base model: a tiny caption run made here
         base = tmp_path / "base"
         assert main(["vlm", "train", "--run-dir", str(base), *TINY["vlm"]]) == 0
@@ -89,6 +115,10 @@ def test_preset_loads_validates_and_runs_two_steps(preset, tmp_path):
         cfg.latent.vqvae = str(tmp_path)
     if getattr(cfg, "model", None) == "":  # ... or for a base model (`vlm finetune --model`)
         cfg.model = str(tmp_path)
+    if isinstance(getattr(cfg, "vision", None), str):  # ... or for a vision tower folder (the BLIP-2 stages)
+        from tests.vlm.tiny_blip import vision_folder
+
+        cfg.vision = str(vision_folder(tmp_path / "vision-check"))
     validate(cfg)
     run = tmp_path / "run"
     assert main([family, name, "--config", preset, "--run-dir", str(run), *tiny_flags(preset, tmp_path)]) == 0
@@ -107,8 +137,11 @@ def test_every_table_entry_resolves():
 
 def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     args = ["--out", str(tmp_path / "demo")]
+    bert = blip_assets(tmp_path / "assets")["lm"][2:]  # --qformer.bert B --lm L (the demo links the stages)
     sections = {"flow.toy2d": TINY["flow"], "flow.digits": TINY_IMAGES, "flow.meanflow": TINY_IMAGES,
-                "vlm.caption": TINY["vlm"], "vlm.vqa": TINY_VQA, "text": TINY["text"]}
+                "vlm.caption": TINY["vlm"], "vlm.vqa": TINY_VQA, "text": TINY["text"],
+                "qformer.siglip": [*TINY_SIGLIP, "--text", bert[1]], "qformer.qformer": [*TINY_QFORMER, *bert[:2]],
+                "qformer.lm": [*TINY_CAPTIONER, *bert]}
     for section, flags in sections.items():
         args += [f"--{section}.{f[2:]}" if f.startswith("--") else f for f in flags]
     assert main(["demo", *args]) == 0
@@ -129,6 +162,11 @@ def test_demo_runs_every_family_and_can_run_again(tmp_path, capsys):
     rows = summary["text"]["sampler_table"]["rows"]
     assert {(r["sampler"], r["steps"]) for r in rows} == {("ancestral", 16), ("ancestral", 64), ("cached", 16),
                                                           ("cached", 64)}
+    blip = summary["qformer"]
+    assert {"i2t_r1", "i2t_r5", "t2i_r1", "n_images"} <= set(blip["qformer"]) and blip["qformer"]["n_images"] == 4
+    assert Path(blip["qformer"]["pictures"]["similarity"]).is_file()
+    assert {"cider", "bleu4", "rouge_l"} <= set(blip["lm"]["after"]) and blip["lm"]["before"] is not None
+    assert Path(blip["lm"]["pictures"]["captions"]).is_file()
     assert main(["demo", *args, "--families", "flow"]) == 0  # the demo overwrites its own folders
     assert set(json.loads((tmp_path / "demo" / "summary.json").read_text())) == {"flow"}
 

@@ -6,46 +6,24 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 pytest.importorskip("transformers")
-from transformers import BertConfig, BertModel  # noqa: E402
 
 from genlab.data.captions import CaptionPairs, load_captions  # noqa: E402
-from genlab.data.shapes import vocabulary  # noqa: E402
 from genlab.train.checkpoint import latest_checkpoint, read_safetensors  # noqa: E402
 from genlab.vlm.alignment import CaptionBatches, QFormerSettings, text_ids  # noqa: E402
 from genlab.vlm.qformer_train import (QFormerTrainConfig, aligner_loss, build_aligner, hard_negatives,  # noqa: E402
                                       new_parameters, train)
-from genlab.vlm.siglip import SiglipConfig, SiglipVisionTower  # noqa: E402
-from genlab.vlm.vision_io import save_vision_tower  # noqa: E402
 from tests._cli import fails, snapshot  # noqa: E402
+from tests.vlm.tiny_blip import bert_folder, vision_folder  # noqa: E402
 from genlab.cli import main  # noqa: E402
-
-
-def tiny_bert_folder(folder):
-    """A random 2-layer BERT (32 wide) with a WordPiece tokenizer knowing the shapes world's words."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", ",", "."] + sorted({w for t in vocabulary() for w in t.split()})
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=48, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("blip")
-    torch.manual_seed(1)
-    save_vision_tower(SiglipVisionTower(SiglipConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=2, image_size=16, patch_size=4)),
-                      root / "vision")
-    tiny_bert_folder(root / "bert")
+    vision_folder(root / "vision")
+    bert_folder(root / "bert")
     return root
 
 

@@ -71,10 +71,12 @@ class QFormerSettings:
     cross_attention_frequency: int = 2  # cross-attention to the image in every k-th layer (1 = every layer)
     image_text_hidden_size: int = 256  # width of the contrastive embeddings
     max_text_tokens: int = 40  # captions are cut to this many tokens ([CLS] and [SEP] included)
+    num_layers: int = 0  # Q-Former depth: the BERT's first layers; 0 = all of them (BLIP-2)
 
     def checks(self) -> Iterable[Check]:
         yield from positive("num_query_tokens", "cross_attention_frequency", "image_text_hidden_size",
                             "max_text_tokens", cfg=self)
+        yield "num_layers", self.num_layers >= 0, "must be >= 0 (0 = every layer of the BERT)"
         yield "max_text_tokens", self.max_text_tokens >= 3, "must be >= 3 ([CLS], a word, [SEP])"
 
 
@@ -87,13 +89,18 @@ def build_qformer(settings: QFormerSettings, encoder_hidden_size: int, init_text
     if settings.max_text_tokens > bert.get("max_position_embeddings", 512):
         raise ConfigError(f"--qformer.max-text-tokens={settings.max_text_tokens}: {folder} has only "
                           f"{bert.get('max_position_embeddings')} positions")
+    depth = bert.get("num_hidden_layers", 12)
+    if settings.num_layers > depth:
+        raise ConfigError(f"--qformer.num-layers={settings.num_layers}: {folder} has only {depth} layers")
     cfg = QFormerConfig.from_bert_config(bert, encoder_hidden_size, num_query_tokens=settings.num_query_tokens,
+                                         num_hidden_layers=settings.num_layers or depth,
                                          cross_attention_frequency=settings.cross_attention_frequency,
                                          image_text_hidden_size=settings.image_text_hidden_size)
     model = QFormer(cfg)
     info = init_from_bert(model, folder) if init_text else {"loaded": 0, "fresh": []}
     tok = load_wordpiece_tokenizer(folder, settings.max_text_tokens)
-    return model, tok, {"text_encoder": str(folder), "bert_parameters_loaded": info["loaded"]}
+    return model, tok, {"text_encoder": str(folder), "bert_parameters_loaded": info["loaded"],
+                        "layers": cfg.num_hidden_layers}
 
 
 # ----------------------------------------------------------------------------- batches

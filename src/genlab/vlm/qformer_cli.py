@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from genlab.commands import Command
+from genlab.commands import Command, Demo
 from genlab.data.captions import CaptionDataConfig
 
 
@@ -87,6 +87,15 @@ COMMANDS = {
                                  "shipped MiniLM) against a frozen SigLIP vision folder: contrastive + matching.",
                      hint="(stage 2: genlab qformer train-lm --config qformer/shapes-smollm "
                           "--train.init-from {run_dir})"),
+    "train-lm": Command("genlab.vlm.captioner:train_lm", "genlab.vlm.captioner:CaptionerConfig",
+                        "BLIP-2 stage 2: Q-Former -> MLP -> a causal LM with LoRA (default SmolLM2-135M)",
+                        train=True,
+                        description="Train the Q-Former, a 2-layer MLP adapter and LoRA on a causal LM to caption "
+                                    "images and answer questions (BLEU-4, ROUGE-L, CIDEr, VQA exact match).",
+                        hint="(try: genlab qformer caption --checkpoint {run_dir} --images DIR --out captions.csv)"),
+    "caption": Command("genlab.vlm.captioner_eval:caption_cmd", "genlab.vlm.captioner_eval:CaptionArgs",
+                       "caption a folder of images with a `qformer train-lm` run (a CSV)"),
     "eval": Command("genlab.vlm.qformer_cli:eval_cmd", "genlab.vlm.qformer_cli:EvalArgs",
                     "retrieval (stage 1) or captioning + VQA (stage 2) metrics of a run, with pictures"),
 }
+DEMO = Demo("genlab.vlm.qformer_demo:demo", "genlab.vlm.qformer_demo:QFormerDemoConfig")

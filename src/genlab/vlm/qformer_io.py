@@ -124,7 +124,9 @@ def init_from_bert(model: "QFormer", folder: str | Path) -> dict:
     ``BertModel`` with token_type_ids 0 (its default). The pooler (and ``cls.*`` heads) are ignored.
     Left fresh: ``query_tokens``, cross-attention, the projections, ``itm_head`` and ``temp``.
 
-    Returns ``{"loaded": number of parameters set, "fresh": [names left as they were]}``.
+    A Q-Former with fewer layers than the BERT (``num_hidden_layers``) takes the BERT's first layers;
+    the deeper ones are dropped (a cheaper Q-Former for a CPU). Returns ``{"loaded": number of
+    parameters set, "fresh": [names left as they were], "dropped_layers": BERT layers not used}``.
     Raises FileFormatError naming the file for a missing folder / config.json / model.safetensors or
     a damaged file, and CheckpointMismatchError (a FileFormatError) naming every config field,
     unexpected key, missing key or shape that does not fit ``model``.
@@ -140,8 +142,10 @@ def init_from_bert(model: "QFormer", folder: str | Path) -> dict:
                                   f"model.safetensors)")
     bert = read_json(config_path)
     cfg = model.config
+    # A Q-Former may be shallower than the BERT (the first layers are copied, deeper ones dropped).
+    deeper = bert.get("num_hidden_layers", cfg.num_hidden_layers) - cfg.num_hidden_layers
     wrong = [f"{k}={bert.get(k)!r} vs model {getattr(cfg, k)!r}" for k in _BERT_FIELDS
-             if k in bert and bert[k] != getattr(cfg, k)]
+             if k in bert and bert[k] != getattr(cfg, k) and not (k == "num_hidden_layers" and deeper > 0)]
     if bert.get("position_embedding_type", "absolute") != "absolute":
         wrong.append(f"position_embedding_type={bert['position_embedding_type']!r} (only 'absolute')")
     if wrong:
@@ -157,6 +161,9 @@ def init_from_bert(model: "QFormer", folder: str | Path) -> dict:
         key = file_key[len("bert."):] if file_key.startswith("bert.") else file_key
         if _BERT_IGNORED.fullmatch(key) or _BERT_IGNORED.fullmatch(file_key):
             continue
+        layer = _BERT_LAYER.fullmatch(key)
+        if deeper > 0 and layer is not None and int(layer.group(1)) >= cfg.num_hidden_layers:
+            continue  # a layer below the Q-Former's depth
         targets = _bert_targets(key)
         if targets is None:
             unexpected.append(file_key)
@@ -181,7 +188,7 @@ def init_from_bert(model: "QFormer", folder: str | Path) -> dict:
     position = "embeddings.position_embeddings.weight"
     picked[position] = picked[position].float() + token_types[0].float()  # (P, D) + (D,)
     _copy(model, picked)
-    return {"loaded": len(picked), "fresh": [k for k in own if k not in picked]}
+    return {"loaded": len(picked), "fresh": [k for k in own if k not in picked], "dropped_layers": max(deeper, 0)}
 
 
 def _bert_source(name: str) -> str:

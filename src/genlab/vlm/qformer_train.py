@@ -63,6 +63,7 @@ class QFormerTrainConfig:
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     itm: bool = True  # the image-text matching loss with hard negatives
     itm_weight: float = 1.0
+    itm_pairs: int = 0  # matching on the batch's first k pairs (+ a hard negative each way); 0 = all (BLIP-2)
     new_lr_scale: float = 10.0  # query tokens + cross-attention learn at lr x this (BLIP-2: 1e-3 vs 1e-4)
     eval: RetrievalEval = field(default_factory=RetrievalEval)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -73,6 +74,7 @@ class QFormerTrainConfig:
     def checks(self) -> Iterable[Check]:
         yield "vision", bool(self.vision), "give a vision folder (a HF SigLIP folder or a pretrain-siglip run's vision/)"
         yield "itm_weight", self.itm_weight >= 0, "must be >= 0"
+        yield "itm_pairs", self.itm_pairs >= 0, "must be >= 0 (0 = every pair of the batch)"
         yield "new_lr_scale", self.new_lr_scale > 0, "must be > 0"
         yield "train.batch_size", self.train.batch_size >= 2, "contrastive learning needs >= 2 pairs per batch"
         yield "train.micro_batch_size", self.train.micro_batch_size in (0, self.train.batch_size), \
@@ -137,8 +139,10 @@ def hard_negatives(sim: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
     return rows, torch.multinomial(weights[rows], 1).squeeze(1)
 
 
-def aligner_loss(model: QFormerAligner, batch: dict[str, Tensor], itm: bool, itm_weight: float):
-    """ITC (+ ITM) on one batch: see the module docstring."""
+def aligner_loss(model: QFormerAligner, batch: dict[str, Tensor], itm: bool, itm_weight: float, itm_pairs: int = 0):
+    """ITC (+ ITM) on one batch: see the module docstring. ``itm_pairs`` = k > 0 limits matching to
+    the first k pairs, each with one hard negative caption and one hard negative image drawn from the
+    whole batch (3k joint passes instead of 3B: the matching passes cost most)."""
     q = model.qformer
     with torch.no_grad():
         q.temp.clamp_(*TEMP_RANGE)
@@ -151,13 +155,14 @@ def aligner_loss(model: QFormerAligner, batch: dict[str, Tensor], itm: bool, itm
     metrics: dict[str, Any] = {"itc": itc.detach(), "temp": q.temp.detach()}
     loss = itc
     if itm:
-        img_rows, neg_txt = hard_negatives(sim, pos)  # a wrong caption for some images
-        txt_rows, neg_img = hard_negatives(sim.T, pos.T)  # a wrong image for some captions
-        v = torch.cat([vision, vision[img_rows], vision[neg_img]])  # (B + R1 + R2, N, Dv)
-        t_ids = torch.cat([ids, ids[neg_txt], ids[txt_rows]])
-        t_mask = torch.cat([mask, mask[neg_txt], mask[txt_rows]])
-        labels = torch.cat([torch.ones(len(ids)), torch.zeros(len(img_rows) + len(txt_rows))]).long().to(ids.device)
-        logits = q.itm_logits(v, t_ids, t_mask)  # (B + R1 + R2, 2)
+        k = min(itm_pairs or len(ids), len(ids))
+        img_rows, neg_txt = hard_negatives(sim[:k], pos[:k])  # a wrong caption for (some of) images 0..k-1
+        txt_rows, neg_img = hard_negatives(sim.T[:k], pos.T[:k])  # a wrong image for captions 0..k-1
+        v = torch.cat([vision[:k], vision[img_rows], vision[neg_img]])  # (k + R1 + R2, N, Dv)
+        t_ids = torch.cat([ids[:k], ids[neg_txt], ids[txt_rows]])
+        t_mask = torch.cat([mask[:k], mask[neg_txt], mask[txt_rows]])
+        labels = torch.cat([torch.ones(k), torch.zeros(len(img_rows) + len(txt_rows))]).long().to(ids.device)
+        logits = q.itm_logits(v, t_ids, t_mask)  # (k + R1 + R2, 2)
         itm_loss = nn.functional.cross_entropy(logits, labels)
         metrics.update(itm=itm_loss.detach(), itm_acc=(logits.argmax(1) == labels).float().mean())
         loss = loss + itm_weight * itm_loss
@@ -192,15 +197,15 @@ def train(cfg: QFormerTrainConfig, resume: bool = False, overwrite: bool = False
     if run.dist.is_main:
         skipped = {**train_set.skipped}
         print(f"genlab: {train_set.source}; {val_set.source}" + (f"; skipped {skipped}" if skipped else ""), flush=True)
-        print(f"genlab: text encoder {info['text_encoder']} ({info['bert_parameters_loaded']:,} parameters "
-              f"loaded), vision {info['vision']}", flush=True)
+        print(f"genlab: text encoder {info['text_encoder']} ({info['layers']} layers, {info['bert_parameters_loaded']} "
+              f"tensors loaded), vision {info['vision']}", flush=True)
     pairs = CaptionPairs(train_set, size, augment=cfg.data.augment, seed=cfg.train.seed)
     data = MapDataSource(pairs, seed=cfg.train.seed, rank=run.dist.rank, world_size=run.dist.world_size,
                          collate_fn=CaptionBatches(text_ids(train_set), tok))
     groups = [{"name": "new", "params": new_parameters(model.qformer), "lr_scale": cfg.new_lr_scale}]
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]):
-        return aligner_loss(m, batch, cfg.itm, cfg.itm_weight)
+        return aligner_loss(m, batch, cfg.itm, cfg.itm_weight, cfg.itm_pairs)
 
     def eval_fn(step: int, m: nn.Module, final: bool) -> dict[str, float]:
         report = retrieval(m, tok, val_set, cfg.eval, run.dir)
