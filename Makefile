@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/text_sampling.py
 	$(BIN)/python benchmarks/paligemma_infer.py
 	$(BIN)/python benchmarks/paligemma_infer.py --batch-sizes 1 --compile
+	$(BIN)/python benchmarks/qformer.py --part throughput --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
