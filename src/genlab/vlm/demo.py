@@ -28,8 +28,8 @@ from genlab.vlm.vqa import VQAFinetuneConfig, finetune
 
 def _vqa_demo() -> VQAFinetuneConfig:
     """The demo's LoRA fine-tune: the embedded default with a demo's budget (about 2 minutes; the
-    preset's 12000 steps take about 12), scored on 300 held-out questions; its --model is set to the
-    demo's caption run."""
+    preset's 4000 steps take 5-11), scored on 300 held-out questions; its --model is set to the demo's
+    caption run."""
     cfg = VQAFinetuneConfig()
     return replace(cfg, data=replace(cfg.data, max_val=300),
                    train=replace(cfg.train, steps=1500, eval_every=0, checkpoint_every=500))
