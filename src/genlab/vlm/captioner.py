@@ -54,7 +54,7 @@ from genlab.train.data import MapDataSource
 from genlab.train.distributed import pick_device
 from genlab.train.engine import TrainConfig, Trainer
 from genlab.train.optim import freeze
-from genlab.train.run import start_run
+from genlab.train.run import seed_everything, start_run
 from genlab.vlm.alignment import QFormerSettings, build_qformer, image_tensor
 from genlab.vlm.lm_io import load_causal_lm
 from genlab.vlm.qformer_train import load_frozen_tower
@@ -320,6 +320,7 @@ def train_lm(cfg: CaptionerConfig, resume: bool = False, overwrite: bool = False
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
+    seed_everything(cfg.train.seed)  # the adapter's and LoRA's initialisation is the seed's
     model, tok, info = build_captioner(cfg)  # a bad folder fails here, before the run folder is touched
     size = model.image_size
     train_caps, val_caps = load_captions(cfg.data, "train", size), load_captions(cfg.data, "val", size)

@@ -41,7 +41,8 @@ def _qformer() -> QFormerTrainConfig:
 def _captioner() -> CaptionerConfig:
     cfg = CaptionerConfig()
     return replace(cfg, qformer=replace(cfg.qformer, **DEMO_QFORMER),
-                   train=replace(cfg.train, steps=20, checkpoint_every=10))
+                   eval=replace(cfg.eval, n_images=32, n_questions=32, grid=8),
+                   train=replace(cfg.train, steps=12, warmup_steps=2, checkpoint_every=6, log_every=2, threads=1))
 
 
 @dataclass
