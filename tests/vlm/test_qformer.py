@@ -250,6 +250,20 @@ def test_init_from_bert_matches_bert_model(tmp_path, prefixed):
     torch.testing.assert_close(model.encode_sentences(ids, mask), (ref * w).sum(1) / w.sum(1), **TOL)
 
 
+@torch.no_grad()
+def test_a_shallower_qformer_takes_the_first_bert_layers(tmp_path):
+    """One layer from a 2-layer BERT: its text side equals BertModel cut after its first layer."""
+    bert, raw = tiny_bert(tmp_path)
+    model = QFormer(QFormerConfig.from_bert_config(raw, encoder_hidden_size=24, num_query_tokens=4,
+                                                   num_hidden_layers=1)).eval()
+    report = init_from_bert(model, tmp_path)
+    assert report["dropped_layers"] == 1
+    bert.encoder.layer = bert.encoder.layer[:1]
+    ids, mask = text_batch()
+    torch.testing.assert_close(model.text_features(ids, mask),
+                               bert(input_ids=ids, attention_mask=mask).last_hidden_state, **TOL)
+
+
 def test_init_from_bert_errors_name_the_file(tmp_path):
     model = QFormer(QFormerConfig(**{**SIZES, "num_hidden_layers": 2}, num_query_tokens=4))
     with pytest.raises(FileFormatError, match="no such folder"):
