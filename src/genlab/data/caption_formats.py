@@ -187,11 +187,8 @@ def index_webdataset(path: str, max_samples: int):
                 keys.append(key), caps.append([caption]), entries.append(("tar", str(shard), *image))
         if max_samples and len(keys) >= max_samples:
             break
-    if not keys:
-        raise FileFormatError(f"{path}: no readable image-caption sample in {len(shards)} shard(s); expected "
-                              f"{SHARD_LAYOUT}; skipped: {_nonzero(skipped)}")
-    n = max_samples or len(keys)
-    return keys[:n], caps[:n], entries[:n], skipped
+    return _first(keys, caps, entries, skipped, max_samples,
+                  f"{path}: no readable image-caption sample in {len(shards)} shard(s); expected {SHARD_LAYOUT}")
 
 
 def _nonzero(skipped: dict[str, int]) -> str:
@@ -267,9 +264,14 @@ def index_parquet(cfg: Any, max_samples: int):
             bump(skipped, "unreadable file")
         if max_samples and len(keys) >= max_samples:
             break
+    return _first(keys, caps, entries, skipped, max_samples,
+                  f"{cfg.path}: no readable image-caption row in {len(files)} parquet file(s)")
+
+
+def _first(keys: list, caps: list, entries: list, skipped: dict, max_samples: int, empty: str):
+    """The first ``max_samples`` (0 = all) samples read; a FileFormatError ``empty`` when there is none."""
     if not keys:
-        raise FileFormatError(f"{cfg.path}: no readable image-caption row in {len(files)} parquet file(s); "
-                              f"skipped: {_nonzero(skipped)}")
+        raise FileFormatError(f"{empty}; skipped: {_nonzero(skipped)}")
     n = max_samples or len(keys)
     return keys[:n], caps[:n], entries[:n], skipped
 

@@ -195,7 +195,7 @@ def train(cfg: QFormerTrainConfig, resume: bool = False, overwrite: bool = False
     if run.finished:
         return run.dir
     if run.dist.is_main:
-        skipped = {**train_set.skipped}
+        skipped = train_set.skipped
         print(f"genlab: {train_set.source}; {val_set.source}" + (f"; skipped {skipped}" if skipped else ""), flush=True)
         print(f"genlab: text encoder {info['text_encoder']} ({info['layers']} layers, {info['bert_parameters_loaded']} "
               f"tensors loaded), vision {info['vision']}", flush=True)
