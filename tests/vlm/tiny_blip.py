@@ -1,5 +1,7 @@
 """Tiny random assets for the BLIP-2 stages' tests, written as the folders the real ones come in: a
-BERT-family folder (the Q-Former's text side), a SigLIP vision folder, a causal LM folder."""
+BERT-family folder (the Q-Former's text side), a SigLIP or ViT vision folder, a causal LM folder."""
+
+import json
 
 import numpy as np
 import torch
@@ -46,3 +48,24 @@ def vision_folder(folder, image_size: int = 16, seed: int = 1):
     cfg = SiglipConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        image_size=image_size, patch_size=4)
     return save_vision_tower(SiglipVisionTower(cfg), folder)
+
+
+def vit_folder(folder, image_size: int = 16, seed: int = 1, hidden_size: int = 48, mean=None, std=None,
+               classifier: bool = False):
+    """A random 1-layer transformers ViT (patch 4) saved with save_pretrained: ViTModel without its pooler,
+    or ViTForImageClassification (``classifier``: keys under ``vit.`` plus ``classifier.*``); with a
+    preprocessor_config.json when ``mean`` / ``std`` are given."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=2 * hidden_size, image_size=image_size, patch_size=4,
+                                 num_labels=5)
+    model = (transformers.ViTForImageClassification(cfg) if classifier else
+             transformers.ViTModel(cfg, add_pooling_layer=False))
+    model.save_pretrained(str(folder))
+    if mean is not None or std is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "ViTImageProcessor", "do_normalize": True, "image_mean": mean or [0.5] * 3,
+             "image_std": std or [0.5] * 3}))
+    return folder

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from genlab.config import Check, positive
 from genlab.data.captions import CaptionSet, resize_square
@@ -57,9 +57,23 @@ def text_folder(path: str, flag: str = "--qformer.bert") -> Path:
     return folder
 
 
-def image_tensor(pixels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 (B, 3, S, S) -> SigLIP's input (B, 3, S, S) in [-1, 1] (mean 0.5, std 0.5 per channel)."""
-    return pixels.to(dtype).div(127.5).sub(1.0)
+def image_tensor(pixels: Tensor, dtype: torch.dtype = torch.float32, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> Tensor:
+    """uint8 (B, 3, S, S) -> a tower's input (B, 3, S, S): (pixels / 255 - mean) / std per channel.
+
+    mean / std default to SigLIP's 0.5 / 0.5, i.e. [-1, 1], computed as pixels / 127.5 - 1 (the
+    rounding the SigLIP runs were trained with)."""
+    if all(v == 0.5 for v in (*(mean or ()), *(std or ()))):
+        return pixels.to(dtype).div(127.5).sub(1.0)
+    mean = torch.tensor(mean if mean is not None else [0.5] * 3, dtype=dtype, device=pixels.device)
+    std = torch.tensor(std if std is not None else [0.5] * 3, dtype=dtype, device=pixels.device)
+    return (pixels.to(dtype) / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def tower_input(tower: nn.Module, pixels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 (B, 3, S, S) normalised with ``tower``'s own ``image_mean`` / ``image_std`` (what its
+    folder's preprocessor_config.json says, see ``vision_io``; SigLIP's 0.5 / 0.5 when it has none)."""
+    return image_tensor(pixels, dtype, getattr(tower, "image_mean", None), getattr(tower, "image_std", None))
 
 
 @dataclass

@@ -55,7 +55,7 @@ from genlab.train.distributed import pick_device
 from genlab.train.engine import TrainConfig, Trainer
 from genlab.train.optim import freeze
 from genlab.train.run import seed_everything, start_run
-from genlab.vlm.alignment import QFormerSettings, build_qformer, image_tensor
+from genlab.vlm.alignment import QFormerSettings, build_qformer, tower_input
 from genlab.vlm.lm_io import load_causal_lm
 from genlab.vlm.qformer_train import load_frozen_tower
 from genlab.vlm.vqa import ClevrData, VQADataset, load_splits
@@ -107,7 +107,7 @@ class CaptionerConfig:
 
     FAMILY: ClassVar[str] = "qformer"
     run_dir: str = "runs/qformer-shapes-smollm"
-    vision: str = "runs/vlm-siglip-shapes/vision"  # a SigLIP vision folder (stage 0's export, or HF's)
+    vision: str = "runs/vlm-siglip-shapes/vision"  # a SigLIP or ViT folder (stage 0's export, or HF's)
     qformer: QFormerSettings = field(default_factory=QFormerSettings)  # as stage 1 (init_from must fit)
     train_qformer: bool = True  # False: the Q-Former stays as stage 1 left it
     qformer_lr_scale: float = 0.2  # Q-Former lr = this x --train.lr (1e-4 of 5e-4)
@@ -126,7 +126,7 @@ class CaptionerConfig:
 
     def checks(self) -> Iterable[Check]:
         # (the folder itself is read, and a missing one named, when the model is built: the demo sets it late)
-        yield "vision", bool(self.vision), "give a SigLIP vision folder, e.g. a `genlab vlm pretrain-siglip` run's vision/"
+        yield "vision", bool(self.vision), "give a SigLIP or ViT folder, e.g. a `genlab vlm pretrain-siglip` run's vision/"
         yield "lm", not self.lm or Path(self.lm).is_dir(), "no such folder: give a Hugging Face causal LM folder"
         yield "qformer_lr_scale", 0 < self.qformer_lr_scale <= 100, "must be in (0, 100]"
         yield "prompt", bool(self.prompt.strip()), "must not be empty"
@@ -174,7 +174,7 @@ class Captioner(nn.Module):
     def prefix(self, pixels: Tensor) -> Tensor:
         """uint8 (B, 3, S, S) -> the query embeddings in the LM's space (B, Q, H)."""
         with torch.no_grad():
-            feats = self.vision(image_tensor(pixels))  # (B, N, Dv)
+            feats = self.vision(tower_input(self.vision, pixels))  # (B, N, Dv) (ViT: N = 1 + patches)
         return self.adapter(self.qformer.query_features(feats))  # (B, Q, H)
 
     def inputs(self, pixels: Tensor, input_ids: Tensor, text_mask: Tensor) -> dict[str, Tensor]:

@@ -84,7 +84,7 @@ COMMANDS = {
                      "BLIP-2 stage 1: align a Q-Former with a frozen vision tower (ITC + ITM), Recall@K",
                      train=True,
                      description="Train a BLIP-2 Q-Former (text side from a BERT-family folder, default the "
-                                 "shipped MiniLM) against a frozen SigLIP vision folder: contrastive + matching.",
+                                 "shipped MiniLM) against a frozen SigLIP or ViT folder: contrastive + matching.",
                      hint="(stage 2: genlab qformer train-lm --config qformer/shapes-smollm "
                           "--train.init-from {run_dir})"),
     "train-lm": Command("genlab.vlm.captioner:train_lm", "genlab.vlm.captioner:CaptionerConfig",

@@ -4,7 +4,7 @@
     genlab qformer train --config qformer/shapes                 # this stage: Recall@K, similarity.png
     genlab qformer eval --checkpoint runs/qformer-shapes         # retrieval again, on any caption data
 
-The vision tower (a Hugging Face SigLIP vision folder, ``--vision``) is frozen; the Q-Former's text
+The vision tower (a Hugging Face SigLIP or ViT folder, ``--vision``) is frozen; the Q-Former's text
 side starts from a BERT-family folder (``--qformer.bert``, default the shipped all-MiniLM-L6-v2),
 its query tokens and cross-attention fresh. Two of BLIP-2's three objectives train it:
 
@@ -43,10 +43,9 @@ from genlab.train.engine import TrainConfig, Trainer
 from genlab.train.optim import freeze
 from genlab.train.run import seed_everything, start_run, write_report
 from genlab.vlm.alignment import (CaptionBatches, QFormerSettings, RetrievalEval, build_qformer, embed_split,
-                                  image_tensor, pair_positives, retrieval_report, text_ids)
+                                  pair_positives, retrieval_report, text_ids, tower_input)
 from genlab.vlm.qformer import QFormer
-from genlab.vlm.siglip import SiglipVisionTower
-from genlab.vlm.vision_io import load_vision_tower
+from genlab.vlm.vision_io import VisionTower, load_vision_tower
 
 TEMP_RANGE = (0.001, 0.5)
 
@@ -58,7 +57,7 @@ class QFormerTrainConfig:
 
     FAMILY: ClassVar[str] = "qformer"
     run_dir: str = "runs/qformer-shapes"
-    vision: str = "runs/vlm-siglip-shapes/vision"  # a HF SigLIP (vision) folder; stage 0 writes RUN/vision
+    vision: str = "runs/vlm-siglip-shapes/vision"  # a HF SigLIP or ViT folder; stage 0 writes RUN/vision
     qformer: QFormerSettings = field(default_factory=QFormerSettings)
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     itm: bool = True  # the image-text matching loss with hard negatives
@@ -72,7 +71,7 @@ class QFormerTrainConfig:
     ))
 
     def checks(self) -> Iterable[Check]:
-        yield "vision", bool(self.vision), "give a vision folder (a HF SigLIP folder or a pretrain-siglip run's vision/)"
+        yield "vision", bool(self.vision), "give a vision folder (a HF SigLIP or ViT folder or a pretrain-siglip run's vision/)"
         yield "itm_weight", self.itm_weight >= 0, "must be >= 0"
         yield "itm_pairs", self.itm_pairs >= 0, "must be >= 0 (0 = every pair of the batch)"
         yield "new_lr_scale", self.new_lr_scale > 0, "must be > 0"
@@ -81,7 +80,7 @@ class QFormerTrainConfig:
             "must be 0: the contrastive loss compares every pair of the whole batch"
 
 
-def load_frozen_tower(folder: str, flag: str = "--vision") -> SiglipVisionTower:
+def load_frozen_tower(folder: str, flag: str = "--vision") -> VisionTower:
     """The frozen tower of ``folder``; a missing or wrong folder is one error naming ``flag``."""
     try:
         return freeze(load_vision_tower(folder))
@@ -94,10 +93,10 @@ def load_frozen_tower(folder: str, flag: str = "--vision") -> SiglipVisionTower:
 
 
 class QFormerAligner(nn.Module):
-    """``vision`` (frozen SigLIP tower) + ``qformer`` (genlab's QFormer). Stage 2 names its parts the
+    """``vision`` (frozen SigLIP or ViT tower) + ``qformer`` (genlab's QFormer). Stage 2 names its parts the
     same, so ``--train.init-from`` a stage-1 run fills its ``qformer``."""
 
-    def __init__(self, vision: SiglipVisionTower, qformer: QFormer):
+    def __init__(self, vision: VisionTower, qformer: QFormer):
         super().__init__()
         self.vision, self.qformer = vision, qformer
 
@@ -106,9 +105,9 @@ class QFormerAligner(nn.Module):
         return self.vision.config.image_size
 
     def vision_features(self, pixels: Tensor) -> Tensor:
-        """uint8 (B, 3, S, S) -> frozen patch features (B, N, Dv)."""
+        """uint8 (B, 3, S, S) -> frozen features (B, N, Dv) (a ViT's N counts its [CLS] token too)."""
         with torch.no_grad():
-            return self.vision(image_tensor(pixels))
+            return self.vision(tower_input(self.vision, pixels))
 
     def image_embeds(self, pixels: Tensor) -> Tensor:
         """(B, Q, E) normalised query embeddings."""

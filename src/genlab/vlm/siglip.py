@@ -131,7 +131,13 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipVisionTower(nn.Module):
-    """Images (B, C, H, W) at ``cfg.image_size`` -> one feature per patch (B, N, D)."""
+    """Images (B, C, H, W) at ``cfg.image_size`` -> one feature per patch (B, N, D).
+
+    ``image_mean`` / ``image_std``: how callers normalise [0, 1] pixels for it (SigLIP's 0.5 / 0.5;
+    ``vision_io`` reads a folder's preprocessor_config.json over them). Plain attributes, not buffers."""
+
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
