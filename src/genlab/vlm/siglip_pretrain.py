@@ -76,7 +76,7 @@ class SiglipPretrainConfig:
     logit_lr_scale: float = 1.0  # learning rate of the temperature and bias, as a multiple of train.lr
     eval: RetrievalEval = field(default_factory=RetrievalEval)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=50, checkpoint_every=500,
+        steps=2500, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=50, checkpoint_every=500,
         eval_every=0, log_every=20, best_metric="i2t_r1", threads=1))
 
     def checks(self) -> Iterable[Check]:
