@@ -202,3 +202,13 @@ def test_stage2_prefix_reads_the_vit_with_its_normalisation(vit_assets, tmp_path
         want = model.adapter(model.qformer.query_features(model.vision(manual)))  # (B, Q, H)
         got = model.prefix(pixels)
     assert got.shape == (2, 4, 64) and torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["[0.5, 0.5, 0.5]", '{"image_mean": [NaN, 0.5, 0.5]}'])
+def test_a_preprocessor_config_that_is_not_an_object_or_not_finite_is_one_clear_error(tmp_path, text):
+    from genlab.errors import ConfigError
+    from genlab.vlm.vision_io import read_normalisation
+
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(ConfigError, match="preprocessor_config.json"):
+        read_normalisation(tmp_path)

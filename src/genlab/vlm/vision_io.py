@@ -25,6 +25,7 @@ writes them back there.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -85,13 +86,16 @@ def read_normalisation(folder: str | Path, num_channels: int = 3) -> tuple[tuple
             raw = read_json(path)
         except FileFormatError as e:
             raise ConfigError(str(e)) from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("do_normalize", True) is False:
         return (0.0,) * num_channels, (1.0,) * num_channels
 
     def channels(name: str, default: float) -> tuple[float, ...]:
         value = raw.get(name, default)
         values = value if isinstance(value, (list, tuple)) else [value] * num_channels
-        if len(values) != num_channels or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        if len(values) != num_channels or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                              or not math.isfinite(v) for v in values):
             raise ConfigError(f"{path}: {name} must be a number or a list of {num_channels} numbers, got {value!r}")
         return tuple(float(v) for v in values)
 
