@@ -94,6 +94,8 @@ def test_webdataset_folder_keeps_the_good_samples_and_counts_the_rest(shards):
     assert data.captions[:4] == [[f"caption {i}"] for i in range(4)]
     assert data.captions[4] == ["from json"] and data.captions[5] == ["a png"]
     assert data.skipped == {"corrupt image": 1, "missing caption": 1, "unreadable shard": 1}
+    assert data.describe() == (f"webdataset {shards} (train split, 9 of 9 images); "
+                               "skipped 1 corrupt image, 1 missing caption, 1 unreadable shard")
     img = data.image(1)
     assert img.dtype == np.uint8 and img.shape == (16, 24, 3)  # original size, (H, W, 3)
     expect = np.asarray(Image.open(io.BytesIO(image_bytes(1))).convert("RGB"))

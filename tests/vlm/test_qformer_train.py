@@ -1,11 +1,15 @@
 """BLIP-2 stage 1 (genlab.vlm.qformer_train): the objectives against independent formulas, a tiny run
 end to end (Recall@K, similarity grid, resume, init_from), `genlab qformer eval` and bad input."""
 
+import io
 import json
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 pytest.importorskip("transformers")
 
@@ -115,6 +119,24 @@ def test_tiny_run_end_to_end_resume_and_eval(assets, tmp_path, capsys):
     assert main(["qformer", "eval", "--checkpoint", str(run), "--n-images", "6", "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert ev["n_images"] == 6 and (tmp_path / "ev" / "similarity.png").is_file()
+
+    # ... and on img2dataset-style shards with a corrupt image: the skipped count is in the log and the report
+    shards = tmp_path / "cc"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for i in range(5):
+            jpg = io.BytesIO()
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(jpg, "JPEG")
+            for ext, data in (("jpg", jpg.getvalue() if i != 2 else b"not a jpeg"), ("txt", f"scene {i}".encode())):
+                info = tarfile.TarInfo(f"00000000{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    capsys.readouterr()
+    assert main(["qformer", "eval", "--checkpoint", str(run), "--data.format", "webdataset", "--data.path",
+                 str(shards), "--data.val-fraction", "0", "--split", "train", "--out", str(tmp_path / "ev-cc")]) == 0
+    assert "skipped 1 corrupt image" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev-cc" / "eval.json").read_text())
+    assert ev["n_images"] == 4 and "skipped 1 corrupt image" in ev["data"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(assets, tmp_path, capsys):

@@ -147,6 +147,11 @@ class CaptionSet:
     def image(self, i: int) -> np.ndarray:
         return self.reader(i)
 
+    def describe(self) -> str:
+        """``source`` plus what was skipped, for the log: "webdataset cc/... (...); skipped 3 corrupt image"."""
+        bad = ", ".join(f"{v} {k}" for k, v in self.skipped.items() if v)
+        return self.source + (f"; skipped {bad}" if bad else "")
+
     def pairs(self) -> list[tuple[int, int]]:
         """(image index, caption index) for every caption, image by image."""
         return [(i, j) for i, caps in enumerate(self.captions) for j in range(len(caps))]

@@ -333,6 +333,7 @@ def train_lm(cfg: CaptionerConfig, resume: bool = False, overwrite: bool = False
         first = f", first load (GGUF -> safetensors) {info['first_load_s']} s" if "first_load_s" in info else ""
         print(f"genlab: LM {info['lm']} loaded in {info['load_s']} s{first}; model and data ready in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"genlab: {val_caps.source}; {train_caps.describe()}", flush=True)
     pairs = CaptionPairs(train_caps, size, augment=cfg.data.augment, seed=cfg.data.seed)
     n_q = int(round(len(pairs) * cfg.vqa_fraction / (1 - cfg.vqa_fraction))) if train_q is not None else 0
     examples = CaptionerExamples(pairs, cfg.prompt, train_q, n_q)

@@ -205,10 +205,12 @@ def evaluate_run(run_dir: str | Path, data_cfg: CaptionDataConfig | None = None,
         cfg.eval = replace(cfg.eval, n_images=n_images)
     size = model.image_size
     _, val_q = load_questions(cfg, size)
-    held = HeldOut.take(load_captions(cfg.data, split, size), val_q, cfg.eval, size)
+    caps = load_captions(cfg.data, split, size)
+    print(f"genlab: {caps.describe()}", flush=True)
+    held = HeldOut.take(caps, val_q, cfg.eval, size)
     result = evaluate(model, tok, cfg, held)
     write_eval(Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}", None, cfg, held, result)
-    return {"run": str(run_dir), "split": split, "weights": str(weights), **flat(result)}
+    return {"run": str(run_dir), "split": split, "weights": str(weights), "data": caps.describe(), **flat(result)}
 
 
 # ----------------------------------------------------------------------------- genlab qformer caption

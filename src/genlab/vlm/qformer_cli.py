@@ -69,9 +69,10 @@ def eval_cmd(args: EvalArgs) -> dict:
         cfg, model, tok = load_aligner_run(run, args.which)
         model.to(pick_device(args.device))
         split = load_captions(data or cfg.data, args.split, model.image_size)
+        print(f"genlab: {split.describe()}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         ev = RetrievalEval(n_images=args.n_images, batch_size=cfg.eval.batch_size, grid=cfg.eval.grid)
-        report = {"run": str(run), "checkpoint": args.which, "data": split.source,
+        report = {"run": str(run), "checkpoint": args.which, "data": split.describe(),
                   **retrieval(model, tok, split, ev, out)}
         write_report(out, report)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=1))

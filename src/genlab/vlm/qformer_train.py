@@ -194,8 +194,7 @@ def train(cfg: QFormerTrainConfig, resume: bool = False, overwrite: bool = False
     if run.finished:
         return run.dir
     if run.dist.is_main:
-        skipped = train_set.skipped
-        print(f"genlab: {train_set.source}; {val_set.source}" + (f"; skipped {skipped}" if skipped else ""), flush=True)
+        print(f"genlab: {val_set.source}; {train_set.describe()}", flush=True)  # (skipped counts the whole source)
         print(f"genlab: text encoder {info['text_encoder']} ({info['layers']} layers, {info['bert_parameters_loaded']} "
               f"tensors loaded), vision {info['vision']}", flush=True)
     pairs = CaptionPairs(train_set, size, augment=cfg.data.augment, seed=cfg.train.seed)
