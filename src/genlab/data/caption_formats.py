@@ -191,7 +191,8 @@ def index_webdataset(path: str, max_samples: int):
                   f"{path}: no readable image-caption sample in {len(shards)} shard(s); expected {SHARD_LAYOUT}")
 
 
-def _nonzero(skipped: dict[str, int]) -> str:
+def skipped_summary(skipped: dict[str, int]) -> str:
+    """"3 corrupt image, 1 missing caption" (the non-zero counts), or "nothing"."""
     return ", ".join(f"{v} {k}" for k, v in skipped.items() if v) or "nothing"
 
 
@@ -271,7 +272,7 @@ def index_parquet(cfg: Any, max_samples: int):
 def _first(keys: list, caps: list, entries: list, skipped: dict, max_samples: int, empty: str):
     """The first ``max_samples`` (0 = all) samples read; a FileFormatError ``empty`` when there is none."""
     if not keys:
-        raise FileFormatError(f"{empty}; skipped: {_nonzero(skipped)}")
+        raise FileFormatError(f"{empty}; skipped: {skipped_summary(skipped)}")
     n = max_samples or len(keys)
     return keys[:n], caps[:n], entries[:n], skipped
 

@@ -53,7 +53,7 @@ from PIL import Image
 from genlab.config import Check, non_negative, positive, seed_check
 from genlab.data.shapes import captions as scene_captions, max_objects_that_fit, render_scene, sample_scene
 from genlab.data.caption_formats import (CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_EXTENSIONS, Encoded, bump,
-                                          index_parquet, index_webdataset)
+                                          index_parquet, index_webdataset, skipped_summary)
 from genlab.errors import ConfigError, FileFormatError
 
 __all__ = ["CaptionDataConfig", "CaptionPairs", "CaptionSet", "collate_pairs", "load_captions", "resize_square",
@@ -149,8 +149,8 @@ class CaptionSet:
 
     def describe(self) -> str:
         """``source`` plus what was skipped, for the log: "webdataset cc/... (...); skipped 3 corrupt image"."""
-        bad = ", ".join(f"{v} {k}" for k, v in self.skipped.items() if v)
-        return self.source + (f"; skipped {bad}" if bad else "")
+        bad = skipped_summary(self.skipped)
+        return self.source + (f"; skipped {bad}" if bad != "nothing" else "")
 
     def pairs(self) -> list[tuple[int, int]]:
         """(image index, caption index) for every caption, image by image."""
